@@ -1,0 +1,47 @@
+"""Typed errors of edgeprism.
+
+Every error a user can cause is one of these, and its message says what is wrong and what to do.
+They all derive from :class:`EdgeprismError`, so an app can catch one type.
+"""
+
+from __future__ import annotations
+
+
+class EdgeprismError(Exception):
+    """Base class of every error edgeprism raises on purpose."""
+
+
+class ModelNotFoundError(EdgeprismError, FileNotFoundError):
+    """The model directory (or a file it must hold) does not exist."""
+
+
+class ConfigError(EdgeprismError, ValueError):
+    """`config.json` is missing, unreadable, or has values edgeprism cannot use."""
+
+
+class UnsupportedModelError(EdgeprismError, ValueError):
+    """The checkpoint's architecture or one of its features is not supported."""
+
+
+class CheckpointError(EdgeprismError, ValueError):
+    """The weights are unreadable: corrupt or truncated file, missing tensor, wrong shape."""
+
+
+class TokenizerMissingError(EdgeprismError, RuntimeError):
+    """A text call was made on a checkpoint that ships no tokenizer files."""
+
+
+class InputError(EdgeprismError, ValueError):
+    """A call's arguments are invalid (empty prompt, prompt too long, bad sampling values...)."""
+
+
+class BudgetError(EdgeprismError, ValueError):
+    """The VRAM budget is invalid or too small for the part of the model that must stay resident."""
+
+
+class HostMemoryError(EdgeprismError, MemoryError):
+    """Host RAM cannot hold the experts, even unpinned."""
+
+
+class CacheFullError(EdgeprismError, RuntimeError):
+    """Every cache slot is pinned by the current step: the cache is smaller than one step's working set."""
