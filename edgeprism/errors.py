@@ -45,3 +45,7 @@ class HostMemoryError(EdgeprismError, MemoryError):
 
 class CacheFullError(EdgeprismError, RuntimeError):
     """Every cache slot is pinned by the current step: the cache is smaller than one step's working set."""
+
+
+class GenerationInterrupted(EdgeprismError, RuntimeError):
+    """A paused `stream` was superseded by a newer call on the same engine and cannot continue."""

@@ -1,0 +1,386 @@
+"""The front door: `load()` -> `Engine`, and one-call `generate()` / `stream()`.
+
+An `Engine` is loaded once and reused: it owns the device weights, the pinned host store of
+experts and the expert cache. Public calls are serialised by a lock so an app may call it from
+several threads; a `stream` takes the lock per token, so an abandoned stream never blocks the
+next call (it is superseded, and raises `GenerationInterrupted` if resumed).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgeprism.cache.host_store import HostStore
+from edgeprism.cache.vram_cache import ExpertCache
+from edgeprism.config import EngineConfig
+from edgeprism.errors import CheckpointError, GenerationInterrupted, InputError, ModelNotFoundError
+from edgeprism.models.checkpoint import Checkpoint
+from edgeprism.models.decoder import Decoder
+from edgeprism.models.families import adapter_for
+from edgeprism.models.tokenizer import Tokenizer, missing_tokenizer
+from edgeprism.moe.offload import OffloadedExperts
+from edgeprism.runtime.memory import GiB, BudgetPlan, free_device_bytes, plan_budget
+from edgeprism.sampling import Sampling, choose
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = Path(__file__).parent / "default_model"
+GATHER_LIMIT_BYTES = 256 * 2**20  # decode gathers at most this much expert weight per layer
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+           "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+
+Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+
+
+def resolve_model(model: str | os.PathLike | None) -> Path:
+    if model is not None:
+        return Path(model)
+    if not (DEFAULT_MODEL / "config.json").is_file():
+        raise ModelNotFoundError(f"no model given and the embedded default model is missing at {DEFAULT_MODEL}; "
+                                 "pass model=PATH to a Hugging Face MoE checkpoint directory.")
+    return DEFAULT_MODEL
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"device={device!r} is not a device; use 'cuda', 'cuda:1' or 'cpu'.") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device='cuda' was asked for but torch sees no CUDA GPU; use device='cpu'.")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise InputError(f"dtype={dtype!r} is not supported; use 'bf16', 'fp16' or 'fp32'.")
+
+
+class Engine:
+    """A loaded model ready to generate. Build it with `edgeprism.load()`."""
+
+    def __init__(self, path: Path, config: EngineConfig, device: torch.device, dtype: torch.dtype,
+                 progress: Progress | None = None) -> None:
+        self.path, self.config, self.device, self.dtype = path, config, device, dtype
+        self.checkpoint = Checkpoint(path)
+        self.spec = self.checkpoint.spec
+        self.max_context = min(config.max_context, self.spec.max_position)
+        self.plan = self._plan()
+        log.info("%s", self.plan.describe())
+        self.tokenizer_or_none = Tokenizer.from_dir(path)
+        self.store = self._host_store(progress)
+        self.cache = ExpertCache(self.store, self.plan.num_slots, device, config.policy)
+        self.experts = OffloadedExperts(self.cache, GATHER_LIMIT_BYTES)
+        self.model = self._build_decoder()
+        self.checkpoint.close()
+        self._lock = threading.RLock()
+        self._session = 0
+        self._counts = {"tokens": 0, "prompt_tokens": 0}
+
+    # ---- loading -------------------------------------------------------------------------
+    def _plan(self) -> BudgetPlan:
+        vram = (int(self.config.vram_gb * GiB) if self.config.vram_gb is not None
+                else free_device_bytes(self.device))
+        return plan_budget(self.spec, elem=torch.empty((), dtype=self.dtype).element_size(),
+                           groups=self.config.groups, max_context=self.max_context,
+                           chunk=self.config.prefill_chunk, gather_limit=GATHER_LIMIT_BYTES,
+                           vram_bytes=vram, cache_fraction=self.config.cache_fraction)
+
+    def _host_store(self, progress: Progress | None) -> HostStore:
+        spec = self.spec
+        store = HostStore(spec.moe_layers, spec.num_experts, self.config.groups, spec.dim, spec.moe_intermediate,
+                          self.dtype, pin=self.config.pin_memory and self.device.type == "cuda")
+        done = [0]
+
+        def step(nbytes: int) -> None:
+            done[0] += nbytes
+            if progress is not None:
+                progress(done[0], store.total_bytes)
+
+        store.fill(self._read_expert, progress=step)
+        return store
+
+    def _read_expert(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ckpt, spec, ad = self.checkpoint, self.spec, adapter_for(self.spec)
+        I, D = spec.moe_intermediate, spec.dim
+        if not ckpt.has(ad.expert_name(layer, expert, 0)) and ckpt.has(ad.fused_expert_names(layer)[0]):
+            gate_up_name, down_name = ad.fused_expert_names(layer)
+            gate_up = ckpt.get(gate_up_name, (spec.num_experts, 2 * I, D))[expert]
+            return gate_up[:I], gate_up[I:], ckpt.get(down_name, (spec.num_experts, D, I))[expert]
+        shapes = ((I, D), (I, D), (D, I))
+        return tuple(ckpt.get(ad.expert_name(layer, expert, w), shapes[w]) for w in range(3))  # type: ignore[return-value]
+
+    def _build_decoder(self) -> Decoder:
+        with torch.device("meta"):
+            model = Decoder(self.spec, self.experts)
+        ad = adapter_for(self.spec)
+        state = {}
+        for name, param in model.state_dict().items():
+            state[name] = self._read_resident(ad, name, tuple(param.shape))
+        model.load_state_dict(state, assign=True, strict=True)
+        model.setup_caches(self.max_context)
+        return model.eval()
+
+    def _read_resident(self, ad: Any, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if name == "lm_head.weight" and self.spec.tie_embeddings:
+            name = "embed.weight"
+        if name.startswith("layers."):
+            _, layer, rest = name.split(".", 2)
+            hf = ad.hf_name(rest, int(layer))
+        else:
+            hf = ad.hf_name(name)
+        return self.checkpoint.get(hf, shape).to(device=self.device, dtype=self.dtype)
+
+    # ---- properties ----------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self.tokenizer_or_none is None:
+            raise missing_tokenizer(self.path)
+        return self.tokenizer_or_none
+
+    @property
+    def eos_ids(self) -> set[int]:
+        ids = set(self.spec.eos_token_ids)
+        if self.tokenizer_or_none is not None and self.tokenizer_or_none.eos_id is not None:
+            ids.add(self.tokenizer_or_none.eos_id)
+        return ids
+
+    # ---- model calls ---------------------------------------------------------------------
+    def _check_ids(self, input_ids: Any) -> list[int]:
+        if not isinstance(input_ids, (list, tuple)) or not all(isinstance(i, int) for i in input_ids):
+            raise InputError("input_ids must be a list of ints.")
+        if not input_ids:
+            raise InputError("the prompt is empty: give at least one token.")
+        if len(input_ids) >= self.max_context:
+            raise InputError(f"the prompt has {len(input_ids)} tokens but the context window is {self.max_context}; "
+                             "shorten the prompt or load with a larger max_context.")
+        bad = [i for i in input_ids if not 0 <= i < self.spec.vocab_size]
+        if bad:
+            raise InputError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.spec.vocab_size}).")
+        return list(input_ids)
+
+    @torch.inference_mode()
+    def _run(self, ids: list[int], start: int, last_only: bool) -> torch.Tensor:
+        """Feed `ids` at positions start.. in prefill chunks; logits of every position or the last."""
+        out: list[torch.Tensor] = []
+        chunk = self.config.prefill_chunk
+        for i in range(0, len(ids), chunk):
+            self.experts.step = self._counts["tokens"] + self._counts["prompt_tokens"]
+            piece = torch.tensor(ids[i:i + chunk], dtype=torch.long, device=self.device)
+            logits = self.model(piece, start + i, last_only=last_only)  # [t, V] or [1, V]
+            if not last_only:
+                out.append(logits.float().cpu())
+        return logits[-1] if last_only else torch.cat(out)
+
+    def logits(self, input_ids: list[int]) -> torch.Tensor:
+        """[len(input_ids), vocab] float32 logits (CPU) of a fresh full-sequence forward."""
+        ids = self._check_ids(input_ids)
+        with self._lock:
+            self._session += 1
+            return self._run(ids, 0, last_only=False)
+
+    def _token_iter(self, ids: list[int], max_new_tokens: int, sampling: Sampling) -> Iterator[int]:
+        """Yield new token ids, taking the lock per token so a paused stream blocks no one."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+            raise InputError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer.")
+        ids = self._check_ids(ids)
+        gen, eos = sampling.generator(), self.eos_ids
+        with self._lock:
+            self._session += 1
+            session = self._session
+            logits = self._run(ids, 0, last_only=True)
+            self._counts["prompt_tokens"] += len(ids)
+        pos = len(ids)
+        for i in range(max_new_tokens):
+            with self._lock:
+                if self._session != session:
+                    raise GenerationInterrupted("this stream was superseded by a newer call on the same engine; "
+                                                "start a new stream.")
+                if i > 0:
+                    if pos >= self.max_context:
+                        log.warning("context window of %d tokens is full; stopping generation", self.max_context)
+                        return
+                    logits = self._run([tok], pos, last_only=True)
+                    pos += 1
+                tok = choose(logits, sampling, gen)
+                self._counts["tokens"] += 1
+            yield tok
+            if tok in eos:
+                return
+
+    def generate_ids(self, input_ids: list[int], max_new_tokens: int = 256, temperature: float = 0.0,
+                     top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> list[int]:
+        """New token ids only (the prompt is not repeated); stops at an end-of-sequence token."""
+        sampling = Sampling(temperature, top_p, top_k, seed)
+        with self._lock:
+            return list(self._token_iter(input_ids, max_new_tokens, sampling))
+
+    def _prompt_ids(self, prompt: str | None, messages: list[dict[str, str]] | None) -> list[int]:
+        if (prompt is None) == (messages is None):
+            raise InputError("give exactly one of prompt or messages.")
+        tok = self.tokenizer
+        text = tok.render_chat(messages) if messages is not None else prompt
+        if not isinstance(text, str):
+            raise InputError(f"prompt must be a string, got {type(text).__name__}.")
+        if not text:
+            raise InputError("the prompt is empty: give some text to continue.")
+        return tok.encode(text)
+
+    def stream(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
+               max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 1.0, top_k: int = 0,
+               seed: int | None = None, stop: list[str] | str | None = None) -> Iterator[str]:
+        """Yield text pieces as they are decoded. Arguments are checked before the first piece."""
+        ids = self._prompt_ids(prompt, messages)
+        sampling = Sampling(temperature, top_p, top_k, seed)
+        tokens = self._token_iter(ids, max_new_tokens, sampling)
+        return _text_pieces(self.tokenizer, tokens, _stops(stop), self.eos_ids)
+
+    def generate(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
+                 max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 1.0, top_k: int = 0,
+                 seed: int | None = None, stop: list[str] | str | None = None) -> str:
+        """The continuation of `prompt` (or the assistant's reply to `messages`) as text."""
+        with self._lock:
+            return "".join(self.stream(prompt, messages=messages, max_new_tokens=max_new_tokens,
+                                       temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop))
+
+    # ---- stats and lifetime -------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        table = self.cache.table
+        hits = table.hits + self.experts.static_hits
+        return {
+            "hits": hits, "misses": table.misses, "evictions": table.evictions,
+            "hit_rate": hits / max(1, hits + table.misses),
+            "bytes_h2d": self.cache.bytes_h2d, "copies": self.cache.copies,
+            "tokens": self._counts["tokens"], "prompt_tokens": self._counts["prompt_tokens"],
+            "cache_slots": self.cache.num_slots, "cache_bytes": self.plan.cache,
+            "resident_bytes": self.plan.resident, "kv_cache_bytes": self.plan.kv_cache,
+            "unit_bytes": self.plan.unit_bytes, "total_units": self.plan.total_units,
+            "host_pinned": self.store.pinned, "policy": self.config.policy, "groups": self.config.groups,
+        }
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            self.cache.table.reset_counters()
+            self.experts.static_hits = 0
+            self.cache.bytes_h2d = self.cache.copies = 0
+            self._counts = {"tokens": 0, "prompt_tokens": 0}
+
+    def close(self) -> None:
+        """Free device memory and pinned RAM; the engine cannot be used afterwards."""
+        with self._lock:
+            self._session += 1
+            for attr in ("model", "experts", "cache", "store"):
+                if hasattr(self, attr):
+                    delattr(self, attr)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _stops(stop: list[str] | str | None) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if not all(isinstance(s, str) and s for s in stops):
+        raise InputError("stop must be a non-empty string or a list of non-empty strings.")
+    return stops
+
+
+def _text_pieces(tok: Tokenizer, tokens: Iterator[int], stops: list[str], eos: set[int]) -> Iterator[str]:
+    """Incremental detokenisation: emit complete characters only, end before the first stop string.
+
+    Text that could be the start of a stop string is held back until it is known not to be one.
+    """
+    ids: list[int] = []
+    sent = 0  # characters already yielded
+    for t in tokens:
+        if t in eos:
+            break
+        ids.append(t)
+        text = tok.decode(ids)
+        if text.endswith("\ufffd"):
+            continue  # an incomplete UTF-8 sequence: wait for the next token
+        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=None)
+        if cut is not None:
+            if cut > sent:
+                yield text[sent:cut]
+            return
+        safe = len(text) - _held_back(text, stops)
+        if safe > sent:
+            yield text[sent:safe]
+            sent = safe
+    text = tok.decode(ids)
+    if len(text) > sent:
+        yield text[sent:]
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+    return max((n for s in stops for n in range(len(s) - 1, 0, -1) if text.endswith(s[:n])), default=0)
+
+
+def load(model: str | os.PathLike | None = None, vram_gb: float | None = None, device: str | torch.device | None = None,
+         dtype: str | torch.dtype | None = None, *, policy: str = "lru", groups: int = 1, max_context: int = 4096,
+         prefill_chunk: int = 256, pin_memory: bool = True, cache_fraction: float | None = None,
+         progress: Progress | None = None) -> Engine:
+    """Load a Hugging Face MoE checkpoint directory (None = the embedded default model).
+
+    `vram_gb` is everything the engine may allocate on the device (weights, KV cache for
+    `max_context` tokens, workspace and expert cache); None uses what the device has free.
+    """
+    if vram_gb is not None and (isinstance(vram_gb, bool) or not isinstance(vram_gb, (int, float))):
+        raise InputError(f"vram_gb={vram_gb!r}: must be a number of GB or None.")
+    config = EngineConfig(vram_gb=vram_gb, policy=policy, groups=groups, max_context=max_context,
+                          prefill_chunk=prefill_chunk, pin_memory=pin_memory, cache_fraction=cache_fraction)
+    dev = resolve_device(device)
+    return Engine(resolve_model(model), config, dev, resolve_dtype(dtype, dev), progress)
+
+
+_engines: dict[tuple[str, float | None], Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def _cached_engine(model: str | os.PathLike | None, vram_gb: float | None) -> Engine:
+    """One engine per (model, budget); loading another closes the previous one to free its memory."""
+    key = (str(resolve_model(model).resolve()), vram_gb)
+    with _engines_lock:
+        if key not in _engines:
+            for old in _engines.values():
+                old.close()
+            _engines.clear()
+            _engines[key] = load(model, vram_gb=vram_gb)
+        return _engines[key]
+
+
+def generate(prompt: str, model: str | os.PathLike | None = None, vram_gb: float | None = None,
+             **sampling: Any) -> str:
+    """Load (cached per model and budget) and generate a continuation of `prompt`."""
+    return _cached_engine(model, vram_gb).generate(prompt, **sampling)
+
+
+def stream(prompt: str, model: str | os.PathLike | None = None, vram_gb: float | None = None,
+           **sampling: Any) -> Iterator[str]:
+    """Like `generate`, yielding text pieces as they are decoded."""
+    return _cached_engine(model, vram_gb).stream(prompt, **sampling)
+
+
+__all__ = ["DEFAULT_MODEL", "Engine", "load", "generate", "stream", "CheckpointError"]

@@ -1,0 +1,152 @@
+"""Lean MoE decoder: model math only (batch 1, token-major shapes).
+
+Shapes: T tokens of this call, S = tokens in the KV cache after it, D = hidden size, H / Hkv query
+and key-value heads, hd = head dim, V = vocab. No device policy lives here: the MoE block's experts
+come from an injected provider (`moe/layer.py`), and caches are created by `setup_caches`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeprism.config import ModelSpec
+from edgeprism.models.modules import RMSNorm, SwiGLU
+from edgeprism.moe.layer import ExpertProvider, MoEBlock
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_tables(max_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: [max_len, hd] in fp32, computed as transformers' default RoPE does."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    freqs = torch.arange(max_len).float()[:, None] * inv_freq[None, :]  # [L, hd/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [L, hd]
+    return emb.cos(), emb.sin()
+
+
+class KVCache(nn.Module):
+    """Keys and values of one layer for up to `max_len` positions: [Hkv, max_len, hd] each."""
+
+    def __init__(self, n_kv: int, max_len: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.register_buffer("k", torch.zeros(n_kv, max_len, head_dim, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(n_kv, max_len, head_dim, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # k, v: [Hkv, T, hd] -> views of everything cached so far: [Hkv, S, hd]
+        end = start + k.shape[1]
+        self.k[:, start:end] = k
+        self.v[:, start:end] = v
+        return self.k[:, :end], self.v[:, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = spec.n_heads, spec.n_kv_heads, spec.head_dim
+        self.qk_norm, self.clip = spec.qk_norm, spec.clip_qkv
+        q_out, kv_out = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+        self.wq = nn.Linear(spec.dim, q_out, bias=spec.qkv_bias)
+        self.wk = nn.Linear(spec.dim, kv_out, bias=spec.qkv_bias)
+        self.wv = nn.Linear(spec.dim, kv_out, bias=spec.qkv_bias)
+        self.wo = nn.Linear(q_out, spec.dim, bias=False)
+        if spec.qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(spec.head_dim, spec.rms_eps), RMSNorm(spec.head_dim, spec.rms_eps)
+        elif spec.qk_norm == "full":
+            self.q_norm, self.k_norm = RMSNorm(q_out, spec.rms_eps), RMSNorm(kv_out, spec.rms_eps)
+        self.cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        # x: [T, D]; cos, sin: [T, hd]; mask: [T, S] bool (True = attend) or None for plain causal
+        T = x.shape[0]
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)  # [T, H*hd], [T, Hkv*hd] x2
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip is not None:
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
+        q = q.view(T, self.n_heads, self.head_dim)
+        k = k.view(T, self.n_kv, self.head_dim)
+        v = v.view(T, self.n_kv, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, hd]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        assert self.cache is not None, "call Decoder.setup_caches() before running the model"
+        keys, values = self.cache.update(start, k.transpose(0, 1), v.transpose(0, 1))  # [Hkv, S, hd]
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1), keys, values, attn_mask=mask,  # [H, T, hd]
+            is_causal=mask is None and T > 1 and start == 0, enable_gqa=self.n_kv != self.n_heads)
+        return self.wo(out.transpose(0, 1).reshape(T, -1))  # [T, D]
+
+
+class Block(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int, experts: ExpertProvider) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(spec.dim, spec.rms_eps)
+        self.attn = Attention(spec)
+        self.ffn_norm = RMSNorm(spec.dim, spec.rms_eps)
+        self.ffn: nn.Module = (MoEBlock(spec, layer, experts) if spec.sparse_layers[layer]
+                               else SwiGLU(spec.dim, spec.dense_intermediate))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        h = x + self.attn(self.attn_norm(x), cos, sin, start, mask)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class Decoder(nn.Module):
+    """Token ids -> logits. Expert weights are not parameters here: `experts` supplies them."""
+
+    def __init__(self, spec: ModelSpec, experts: ExpertProvider) -> None:
+        super().__init__()
+        self.spec = spec
+        self.embed = nn.Embedding(spec.vocab_size, spec.dim)
+        self.layers = nn.ModuleList(Block(spec, i, experts) for i in range(spec.n_layers))
+        self.norm = RMSNorm(spec.dim, spec.rms_eps)
+        self.lm_head = nn.Linear(spec.dim, spec.vocab_size, bias=False)
+        self.max_len = 0
+
+    def setup_caches(self, max_len: int) -> None:
+        """Allocate KV caches and RoPE tables for `max_len` positions on the parameters' device."""
+        dtype, device = self.embed.weight.dtype, self.embed.weight.device
+        for block in self.layers:
+            block.attn.cache = KVCache(self.spec.n_kv_heads, max_len, self.spec.head_dim, dtype, device)
+        cos, sin = rope_tables(max_len, self.spec.head_dim, self.spec.rope_theta)
+        self.register_buffer("cos", cos.to(device), persistent=False)
+        self.register_buffer("sin", sin.to(device), persistent=False)
+        self.max_len = max_len
+
+    def attention_mask(self, start: int, T: int) -> torch.Tensor | None:
+        """None when plain causal attention is exact (no sliding window), else [T, S] bool."""
+        window = self.spec.sliding_window
+        if window is None or start + T <= window:
+            return None if (start == 0 or T == 1) else self._causal(start, T, None)
+        return self._causal(start, T, window)
+
+    def _causal(self, start: int, T: int, window: int | None) -> torch.Tensor:
+        q_pos = torch.arange(start, start + T, device=self.cos.device)[:, None]  # [T, 1]
+        k_pos = torch.arange(start + T, device=self.cos.device)[None, :]  # [1, S]
+        mask = k_pos <= q_pos
+        if window is not None:
+            mask &= k_pos > q_pos - window
+        return mask
+
+    def forward(self, tokens: torch.Tensor, start: int, last_only: bool = False) -> torch.Tensor:
+        # tokens: [T] ids at positions start..start+T-1 -> logits [T, V] ([1, V] if last_only)
+        T = tokens.shape[0]
+        x = self.embed(tokens)  # [T, D]
+        cos = self.cos[start:start + T].to(x.dtype)  # [T, hd]
+        sin = self.sin[start:start + T].to(x.dtype)
+        mask = self.attention_mask(start, T)
+        for block in self.layers:
+            x = block(x, cos, sin, start, mask)
+        if last_only:
+            x = x[-1:]
+        return self.lm_head(self.norm(x))  # [T, V]
