@@ -20,8 +20,8 @@ import torch
 from edgeprism.cache.host_store import HostStore
 from edgeprism.cache.vram_cache import ExpertCache
 from edgeprism.config import EngineConfig
-from edgeprism.errors import CheckpointError, GenerationInterrupted, InputError, ModelNotFoundError
-from edgeprism.models.checkpoint import Checkpoint
+from edgeprism.errors import CheckpointError, ConfigError, GenerationInterrupted, InputError, ModelNotFoundError
+from edgeprism.models.checkpoint import Checkpoint, MemoryCheckpoint
 from edgeprism.models.decoder import Decoder
 from edgeprism.models.families import adapter_for
 from edgeprism.models.tokenizer import Tokenizer, missing_tokenizer
@@ -32,7 +32,6 @@ from edgeprism.sampling import Sampling, choose
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
-GATHER_LIMIT_BYTES = 256 * 2**20  # decode gathers at most this much expert weight per layer
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
            "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
 
@@ -73,18 +72,21 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 class Engine:
     """A loaded model ready to generate. Build it with `edgeprism.load()`."""
 
-    def __init__(self, path: Path, config: EngineConfig, device: torch.device, dtype: torch.dtype,
-                 progress: Progress | None = None) -> None:
-        self.path, self.config, self.device, self.dtype = path, config, device, dtype
-        self.checkpoint = Checkpoint(path)
-        self.spec = self.checkpoint.spec
+    def __init__(self, source: Checkpoint | MemoryCheckpoint, config: EngineConfig, device: torch.device,
+                 dtype: torch.dtype, progress: Progress | None = None) -> None:
+        self.config, self.device, self.dtype = config, device, dtype
+        self.checkpoint, self.path = source, source.path
+        self.spec = source.spec
         self.max_context = min(config.max_context, self.spec.max_position)
+        if self.spec.moe_intermediate % config.groups:
+            raise ConfigError(f"groups={config.groups} does not divide the expert intermediate size "
+                              f"{self.spec.moe_intermediate}; pick a divisor so all sub-experts have equal size.")
         self.plan = self._plan()
         log.info("%s", self.plan.describe())
-        self.tokenizer_or_none = Tokenizer.from_dir(path)
+        self.tokenizer_or_none = Tokenizer.from_dir(self.path) if self.path is not None else None
         self.store = self._host_store(progress)
         self.cache = ExpertCache(self.store, self.plan.num_slots, device, config.policy)
-        self.experts = OffloadedExperts(self.cache, GATHER_LIMIT_BYTES)
+        self.experts = OffloadedExperts(self.cache, config.gather_limit)
         self.model = self._build_decoder()
         self.checkpoint.close()
         self._lock = threading.RLock()
@@ -97,7 +99,7 @@ class Engine:
                 else free_device_bytes(self.device))
         return plan_budget(self.spec, elem=torch.empty((), dtype=self.dtype).element_size(),
                            groups=self.config.groups, max_context=self.max_context,
-                           chunk=self.config.prefill_chunk, gather_limit=GATHER_LIMIT_BYTES,
+                           chunk=self.config.prefill_chunk, gather_limit=self.config.gather_limit,
                            vram_bytes=vram, cache_fraction=self.config.cache_fraction)
 
     def _host_store(self, progress: Progress | None) -> HostStore:
@@ -338,11 +340,12 @@ def _held_back(text: str, stops: list[str]) -> int:
     return max((n for s in stops for n in range(len(s) - 1, 0, -1) if text.endswith(s[:n])), default=0)
 
 
-def load(model: str | os.PathLike | None = None, vram_gb: float | None = None, device: str | torch.device | None = None,
+def load(model: str | os.PathLike | MemoryCheckpoint | None = None, vram_gb: float | None = None, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, *, policy: str = "lru", groups: int = 1, max_context: int = 4096,
          prefill_chunk: int = 256, pin_memory: bool = True, cache_fraction: float | None = None,
-         progress: Progress | None = None) -> Engine:
-    """Load a Hugging Face MoE checkpoint directory (None = the embedded default model).
+         gather_limit: int = 256 * 2**20, progress: Progress | None = None) -> Engine:
+    """Load a Hugging Face MoE checkpoint directory (None = the embedded default model), or an
+    in-memory `MemoryCheckpoint`.
 
     `vram_gb` is everything the engine may allocate on the device (weights, KV cache for
     `max_context` tokens, workspace and expert cache); None uses what the device has free.
@@ -350,9 +353,11 @@ def load(model: str | os.PathLike | None = None, vram_gb: float | None = None, d
     if vram_gb is not None and (isinstance(vram_gb, bool) or not isinstance(vram_gb, (int, float))):
         raise InputError(f"vram_gb={vram_gb!r}: must be a number of GB or None.")
     config = EngineConfig(vram_gb=vram_gb, policy=policy, groups=groups, max_context=max_context,
-                          prefill_chunk=prefill_chunk, pin_memory=pin_memory, cache_fraction=cache_fraction)
+                          prefill_chunk=prefill_chunk, pin_memory=pin_memory, cache_fraction=cache_fraction,
+                          gather_limit=gather_limit)
     dev = resolve_device(device)
-    return Engine(resolve_model(model), config, dev, resolve_dtype(dtype, dev), progress)
+    source = model if isinstance(model, MemoryCheckpoint) else Checkpoint(resolve_model(model))
+    return Engine(source, config, dev, resolve_dtype(dtype, dev), progress)
 
 
 _engines: dict[tuple[str, float | None], Engine] = {}

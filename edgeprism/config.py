@@ -182,6 +182,7 @@ class EngineConfig:
     prefill_chunk: int = 256
     pin_memory: bool = True
     cache_fraction: float | None = None  # test/bench knob: expert cache as a fraction of expert bytes
+    gather_limit: int = 256 * 2**20  # decode gathers at most this many bytes of expert weights per layer
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -1,15 +1,16 @@
 """Build the offline English corpus, tokenizer and token files for edgeprism's default model.
 
 The default model ships inside the package and nothing may be downloaded at run time, so its
-training data must come from somewhere reproducible without the internet at large: two Debian
-packages fetched with `apt-get download` (the Python 3.11 HTML documentation and the GCIDE,
-i.e. Webster's 1913 dictionary). Every step is deterministic, so two runs give identical bytes.
+training data must come from somewhere reproducible without the internet at large: Debian
+packages fetched with `apt-get download` (the Python 3.11 HTML documentation, the GCIDE, i.e.
+Webster's 1913 dictionary, and the Linux man pages, rendered with groff). Every step is
+deterministic for a given set of package versions (recorded in corpus_stats.json).
 
 Steps (each is skipped when its output exists, unless --force):
 
 1. download and extract the .deb files under DATA/corpus/
-2. clean both sources into documents, split them into train / held-out by a hash of a group
-   key (a docs page, a dictionary headword) so near-duplicates never straddle the split, and
+2. clean the sources into documents, split them into train / held-out by a hash of a group
+   key (a docs page, a headword, a man page) so near-duplicates never straddle the split, and
    write DATA/corpus/{train,heldout}.jsonl in a hash-shuffled order
 3. train a byte-level BPE tokenizer on the train split: DATA/tokenizer/ (Hugging Face layout)
 4. tokenize both splits into DATA/{train,heldout}.u16 (documents followed by <|endoftext|>)
@@ -32,6 +33,7 @@ import subprocess
 import time
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from html.parser import HTMLParser
 from pathlib import Path
@@ -39,10 +41,11 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("python3.11-doc", "dict-gcide")
+PACKAGES = ("python3.11-doc", "dict-gcide", "manpages", "manpages-dev")
 PYDOC_DIR = "usr/share/doc/python3.11/html"
 GCIDE_DICT = "usr/share/dictd/gcide.dict.dz"
 GCIDE_INDEX = "usr/share/dictd/gcide.index"
+MAN_DIR = "usr/share/man"
 
 EOS = "<|endoftext|>"
 VOCAB_SIZE = 8192
@@ -58,6 +61,8 @@ HELDOUT_TXT_CHARS = 128_000
 CALIB_TXT_CHARS = 100_000
 PYDOC_MIN_CHARS = 120
 GCIDE_MIN_CHARS = 20
+MAN_MIN_CHARS = 200
+MAN_MAX_NON_ASCII = 0.01  # above this a page is a character-set table (iso_8859-1(7) etc.), not prose
 
 
 @dataclass(frozen=True)
@@ -160,8 +165,6 @@ class _SphinxText(HTMLParser):
         if tag == "pre":
             self._pre += 1
             self.parts.append("\n" + _PRE_MARK)
-        elif tag == "li":
-            self.parts.append("\n- ")
         elif tag in ("td", "th"):
             self.parts.append(" ")
         elif tag in _BLOCK_TAGS:
@@ -200,8 +203,7 @@ def _tidy_lines(text: str) -> str:
         if line.startswith(_PRE_MARK):
             lines.append(line.replace(_PRE_MARK, "").rstrip())
         else:
-            line = re.sub(r" {2,}", " ", line.replace(_PRE_MARK, "")).strip()
-            lines.append("" if line in ("-", "¶") else line)
+            lines.append(re.sub(r" {2,}", " ", line).strip())
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
@@ -224,7 +226,7 @@ def pydoc_documents(root: Path) -> Iterator[Document]:
         parser.close()
         sections = "".join(parser.parts).split(_DOC_BREAK)
         for index, raw in enumerate(sections):
-            text = _tidy_lines(normalize(raw))
+            text = normalize(_tidy_lines(raw))
             if len(text) >= PYDOC_MIN_CHARS:
                 yield Document(f"pydoc:{rel}#{index}", f"pydoc:{rel}", "python-docs", text)
 
@@ -241,6 +243,7 @@ _NAMED_CODES = {
 }
 _SOURCE_TAG = re.compile(r"\s*\[[^\[\]]*(?:Webster|WordNet|PJC|Century|RHUD|RDH|MW10|Chambers)[^\[\]]*\]")
 _PRONUNCIATION = re.compile(r"\s*\\[^\\\n]*\\")
+_PRONUNCIATION_GLUED = re.compile(r"\s*\\[^\\\n]*\\(?=\w)")  # keeps "n." of "\word\n." apart
 _RESPELLING = re.compile(r"\s*\((?=[^()\s]*(?:\*|\[[^\]\s]{1,5}\]|\"))[^()\s]+\)")
 
 
@@ -267,7 +270,8 @@ def _gcide_code(match: re.Match[str]) -> str:
 
 def clean_gcide_entry(raw: str) -> str:
     """Readable text from one dictd entry: no pronunciations, markup or source tags; reflowed."""
-    text = _PRONUNCIATION.sub("", raw)
+    text = _PRONUNCIATION_GLUED.sub(" ", raw)
+    text = _PRONUNCIATION.sub("", text)
     text = _RESPELLING.sub("", text)
     text = _SOURCE_TAG.sub("", text)
     text = re.sub(r"\[([^\[\]\s]{1,7})\]", _gcide_code, text)
@@ -295,13 +299,57 @@ def gcide_documents(root: Path) -> Iterator[Document]:
             yield Document(f"gcide:{offset}", f"gcide:{key}", "gcide", text)
 
 
+_BOX_DRAWING = frozenset("─│┌┐└┘├┤┬┴┼═║")
+_GROFF = ("groff", "-Kutf-8", "-t", "-man", "-Tutf8", "-rLL=2000n", "-P-c", "-P-b", "-P-u")  # no wrapping, no overstrike
+
+
+def render_manpage(page: Path) -> str:
+    """Plain text of one man page. The line length is so large that groff never wraps or
+    justifies, which would otherwise put runs of padding spaces into the prose."""
+    source = gzip.open(page, "rb").read()
+    result = subprocess.run(_GROFF, input=source, capture_output=True, check=True)
+    return result.stdout.decode("utf-8", errors="replace")
+
+
+def clean_manpage(rendered: str) -> str:
+    """Drop the running header and footer and table rules, un-indent the body by groff's 7 columns."""
+    lines = rendered.strip("\n").split("\n")[1:-1]
+    kept = []
+    for line in lines:
+        if line.strip() and set(line.strip()) <= _BOX_DRAWING:
+            continue
+        line = line.replace("│", "|").rstrip()
+        line = line[7:] if line.startswith(" " * 7) else line
+        kept.append(re.sub(r"(?<=\S) {2,}", " ", line))
+    text = re.sub(r"\n{3,}", "\n\n", "\n".join(kept)).strip()
+    return normalize(text.replace("\ufffd", "").replace("\u2010", "-").replace("\u2212", "-"))
+
+
+def _is_alias(page: Path) -> bool:
+    """A page whose whole source is `.so other-page`; rendering it would duplicate that page."""
+    return gzip.open(page, "rb").read(4) == b".so "
+
+
+def manpage_documents(root: Path) -> Iterator[Document]:
+    """One document per man page; aliases (symlinks and `.so` pages) are skipped."""
+    man_root = root / MAN_DIR
+    pages = [p for p in sorted(man_root.glob("man*/*.gz")) if not p.is_symlink() and not _is_alias(p)]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for page, rendered in zip(pages, pool.map(render_manpage, pages)):
+            text = clean_manpage(rendered)
+            rel = page.relative_to(man_root).as_posix()
+            non_ascii = sum(ord(ch) > 127 for ch in text)
+            if len(text) >= MAN_MIN_CHARS and non_ascii <= MAN_MAX_NON_ASCII * len(text):
+                yield Document(f"man:{rel}", f"man:{rel}", "manpages", text)
+
+
 def write_documents(root: Path, corpus_dir: Path, force: bool) -> dict[str, Path]:
-    """Clean both sources, split by group hash, store each split as JSON lines in hash order."""
+    """Clean all sources, split by group hash, store each split as JSON lines in hash order."""
     paths = {name: corpus_dir / f"{name}.jsonl" for name in ("train", "heldout")}
     if all(p.exists() for p in paths.values()) and not force:
         return paths
     splits: dict[str, list[Document]] = {"train": [], "heldout": []}
-    for producer in (pydoc_documents, gcide_documents):
+    for producer in (pydoc_documents, gcide_documents, manpage_documents):
         for doc in producer(root):
             splits[split_of(doc.group)].append(doc)
     for name, docs in splits.items():
@@ -452,7 +500,9 @@ def write_stats(data_dir: Path, corpus_dir: Path, splits: dict[str, list[Documen
         "sources": {
             "python-docs": "Debian package python3.11-doc, HTML pages -> text, one document per h1/h2 section",
             "gcide": "Debian package dict-gcide (GCIDE 0.48, Webster 1913 + WordNet), one document per entry",
+            "manpages": "Debian packages manpages + manpages-dev, rendered by groff, one document per page",
         },
+        "groff": subprocess.run(["groff", "--version"], capture_output=True, text=True).stdout.splitlines()[0],
         "package_versions": (corpus_dir / "extracted.ok").read_text().split(),
         "heldout_fraction_of_groups": HELDOUT_PER_MILLE / 1000,
         "vocab_size": VOCAB_SIZE,

@@ -7,13 +7,12 @@ which only change the hit rate, can be swapped by name (``make_policy``).
 
 ``choose_victim`` runs on the per-token decode path, hundreds of times per token over thousands of
 resident units, so no policy scans its resident set: LRU keeps an ordered dict, LFU one heap, the
-activation policy one heap per layer. Heaps use lazy deletion: an entry is a small list
-``[rank..., seq, key, alive]``; updating or evicting a unit marks its old entry dead instead of
-searching the heap, and dead entries are dropped when they reach the top or when the heap is rebuilt
-(once it holds more than twice the live entries, so the rebuild is amortised O(1) per update).
+activation policy one heap per layer (`_LazyHeap`: lazy deletion, so updating or evicting a unit
+marks its old entry dead instead of searching the heap).
 
-Pinned units (those the current layer's GEMM reads) are never returned; they are few (one layer's
-working set), so policies step over them rather than track them.
+Pinned units (those the current layer's GEMM reads) are never returned. The slot table does not
+report pins to the policy, it passes `is_pinned`; pinned units are few (one layer's working set), so
+policies step over them (LRU) or park them beside the heap until they are released (LFU, activation).
 """
 
 from __future__ import annotations
@@ -62,42 +61,49 @@ def _new_entry(rank: float, seq: int, key: SubExpertKey) -> HeapEntry:
     return [rank, seq, key, True]
 
 
-def _drop_dead_top(heap: list[HeapEntry]) -> None:
-    while heap and not heap[0][_ALIVE]:
-        heapq.heappop(heap)
+class _LazyHeap:
+    """A min-heap of entries with lazy deletion that parks pinned entries instead of re-sorting them.
 
-
-def _first_unpinned(heap: list[HeapEntry], is_pinned: IsPinned) -> HeapEntry | None:
-    """Smallest live entry whose unit is not pinned; O(log n) per pinned or dead entry stepped over.
-
-    Pinned entries are popped aside and pushed back, so the heap is unchanged apart from dead
-    entries, which are dropped for good.
+    Entries are [rank, seq, key, alive] lists; a dead entry (alive=False) is dropped when it reaches
+    the top, or when the heap is rebuilt once dead entries outnumber live ones (amortised O(1) per
+    push). A pinned entry found at the top moves to `parked`; each query re-checks the parked ones,
+    O(1) each, and pushes back those whose unit is no longer pinned. Pins are few and short-lived
+    (one layer's working set), so this keeps queries cheap while the current layer is pinned.
     """
-    _drop_dead_top(heap)
-    if not heap:
+
+    def __init__(self) -> None:
+        self.entries: list[HeapEntry] = []
+        self.parked: list[HeapEntry] = []
+
+    def push(self, entry: HeapEntry, num_live: int) -> None:
+        heapq.heappush(self.entries, entry)
+        if len(self.entries) > 2 * num_live + _COMPACT_SLACK:
+            self.entries = [e for e in self.entries if e[_ALIVE]]
+            heapq.heapify(self.entries)
+
+    def best_unpinned(self, is_pinned: IsPinned) -> HeapEntry | None:
+        """The smallest live entry whose unit is not pinned (left in place), or None."""
+        if self.parked:
+            self._unpark(is_pinned)
+        heap = self.entries
+        while heap:
+            top = heap[0]
+            if not top[_ALIVE]:
+                heapq.heappop(heap)
+            elif is_pinned(top[_KEY]):
+                self.parked.append(heapq.heappop(heap))
+            else:
+                return top
         return None
-    if not is_pinned(heap[0][_KEY]):
-        return heap[0]
-    aside: list[HeapEntry] = []
-    found: HeapEntry | None = None
-    while heap:
-        entry = heapq.heappop(heap)
-        if not entry[_ALIVE]:
-            continue
-        aside.append(entry)
-        if not is_pinned(entry[_KEY]):
-            found = entry
-            break
-    for entry in aside:
-        heapq.heappush(heap, entry)
-    return found
 
-
-def _compact_if_bloated(heap: list[HeapEntry], num_live: int) -> None:
-    """Rebuild without dead entries once they outnumber live ones (amortised O(1) per push)."""
-    if len(heap) > 2 * num_live + _COMPACT_SLACK:
-        heap[:] = [entry for entry in heap if entry[_ALIVE]]
-        heapq.heapify(heap)
+    def _unpark(self, is_pinned: IsPinned) -> None:
+        still_pinned: list[HeapEntry] = []
+        for entry in self.parked:
+            if entry[_ALIVE] and is_pinned(entry[_KEY]):
+                still_pinned.append(entry)
+            elif entry[_ALIVE]:
+                heapq.heappush(self.entries, entry)
+        self.parked = still_pinned
 
 
 class LRUPolicy:
@@ -146,7 +152,7 @@ class LFUPolicy:
     layers x experts x groups. A prefetched unit that was never routed has count 0 and is the first
     victim: pure LFU has no notion of prediction (the activation policy has).
 
-    choose_victim: O(log n) amortised, plus O(log n) per pinned unit at the top of the heap.
+    choose_victim: O(log n) amortised (lazy deletion), plus O(1) per parked pinned unit.
     """
 
     name = "lfu"
@@ -154,7 +160,7 @@ class LFUPolicy:
     def __init__(self) -> None:
         self._count: dict[SubExpertKey, int] = {}
         self._entry_of: dict[SubExpertKey, HeapEntry] = {}  # resident units only
-        self._heap: list[HeapEntry] = []  # [count, seq, key, alive]
+        self._heap = _LazyHeap()  # [count, seq, key, alive] of resident units
         self._seq = 0
 
     def __len__(self) -> int:
@@ -174,7 +180,7 @@ class LFUPolicy:
     def choose_victim(
         self, is_pinned: IsPinned, step: int, current_layer: int, num_layers: int
     ) -> SubExpertKey | None:
-        entry = _first_unpinned(self._heap, is_pinned)
+        entry = self._heap.best_unpinned(is_pinned)
         return None if entry is None else entry[_KEY]
 
     def _push(self, key: SubExpertKey) -> None:
@@ -185,8 +191,7 @@ class LFUPolicy:
         self._seq += 1
         entry = _new_entry(self._count.get(key, 0), self._seq, key)
         self._entry_of[key] = entry
-        heapq.heappush(self._heap, entry)
-        _compact_if_bloated(self._heap, len(self._entry_of))
+        self._heap.push(entry, len(self._entry_of))
 
 
 def _log2_add(a: float, b: float) -> float:
@@ -207,11 +212,11 @@ class ActivationPolicy:
         an exponentially decayed routing count. It is (a) frequency over a recent window (the window
         is ~half_life / ln 2 steps) and (b) recency in one number: an access now weighs 1, one
         half_life steps ago weighs 1/2. half_life is the knob between the two: as it shrinks the
-        order tends to LRU by step, as it grows to LFU. Equal f (e.g. units routed at the same
-        steps) are broken by recency: the least recently touched goes first.
+        order tends to LRU by step, as it grows to LFU. Equal priorities are broken by recency: the
+        least recently touched unit goes first.
     r(l) = ((l - current_layer - 1) mod num_layers) + 1, in 1..num_layers:
         (c) how many layer-computations until layer l runs again. The next layer has r = 1; the
-        current layer, just computed, has r = num_layers (a full pass away).
+        current layer (being or just computed) has r = num_layers: a full pass away.
 
     Why this product: f_k (times 1 - 2**(-1/half_life)) estimates the probability that k is routed
     on its layer's next visit, and r is how long the unit holds its slot until then. f / r is the
@@ -224,13 +229,15 @@ class ActivationPolicy:
     A unit placed by prefetch without being routed at that step is credited `prefetch_credit`
     accesses at its insert step: the predictor expects it to be routed soon, and without the credit a
     never-routed unit would be the first victim before the layer that wanted it runs.
+    Statistics persist across evictions, for the same reason as in LFU.
 
     Why it is cheap: f_k(t) = 2 ** (-t / half_life) * A_k with A_k = sum_i 2 ** (s_i / half_life).
     The factor in t is the same for every unit, so the order is by A_k, which changes only when k is
-    touched. Each layer keeps a heap on (log2 A_k, seq); choose_victim scores each layer's smallest
-    unpinned entry as log2 A_k - distance_weight * log2 r(l) and takes the lowest:
-    O(num_layers + pinned * log n) per call, amortised over lazy deletions. `step` is not needed.
-    Statistics persist across evictions for the same reason as in LFU.
+    touched (`step` is not needed to choose). Each layer keeps a heap on (log2 A_k, seq); a
+    :class:`_LayerRanking` caches each layer's smallest unpinned entry and ranks layers by
+    log2 A_k - distance_weight * log2 r(l). choose_victim: O(num_layers) when current_layer changes,
+    else O(log num_layers + log n) per layer touched since the last call (typically the previous
+    victim's), plus O(1) per parked pinned unit.
     """
 
     name = "activation"
@@ -248,10 +255,10 @@ class ActivationPolicy:
         self._log2_weight: dict[SubExpertKey, float] = {}  # log2 A_k, persists across evictions
         self._last_step: dict[SubExpertKey, int] = {}
         self._entry_of: dict[SubExpertKey, HeapEntry] = {}  # resident units only
-        self._heaps: dict[int, list[HeapEntry]] = {}  # layer -> [log2 A_k, seq, key, alive]
+        self._heaps: dict[int, _LazyHeap] = {}  # layer -> [log2 A_k, seq, key, alive] of residents
         self._resident_in_layer: dict[int, int] = {}  # only layers with >= 1 resident unit
+        self._ranking = _LayerRanking(self.distance_weight)
         self._seq = 0
-        self._distance_penalty: list[float] = []  # index r -> distance_weight * log2(r)
 
     def __len__(self) -> int:
         return len(self._entry_of)
@@ -259,7 +266,8 @@ class ActivationPolicy:
     def priority_log2(self, key: SubExpertKey, step: int, current_layer: int, num_layers: int) -> float:
         """log2 of priority(key, step) in the class docstring; -inf for a unit never seen."""
         log2_f = self._log2_weight.get(key, -math.inf) - step / self.half_life
-        return log2_f - self.distance_weight * math.log2(_layers_until(key.layer, current_layer, num_layers))
+        distance = _layers_until(key.layer, current_layer, num_layers)
+        return log2_f - self.distance_weight * math.log2(distance)
 
     def on_access(self, key: SubExpertKey, step: int) -> None:
         self._add_weight(key, step / self.half_life)
@@ -274,7 +282,9 @@ class ActivationPolicy:
         self._push(key)
 
     def on_evict(self, key: SubExpertKey) -> None:
-        self._entry_of.pop(key)[_ALIVE] = False
+        entry = self._entry_of.pop(key)
+        entry[_ALIVE] = False
+        self._ranking.note_evict(key.layer, entry)
         left = self._resident_in_layer[key.layer] - 1
         if left:
             self._resident_in_layer[key.layer] = left
@@ -284,17 +294,7 @@ class ActivationPolicy:
     def choose_victim(
         self, is_pinned: IsPinned, step: int, current_layer: int, num_layers: int
     ) -> SubExpertKey | None:
-        penalty = self._penalties(num_layers)
-        best: tuple[float, int] | None = None
-        victim: SubExpertKey | None = None
-        for layer in self._resident_in_layer:
-            entry = _first_unpinned(self._heaps[layer], is_pinned)
-            if entry is None:
-                continue
-            score = (entry[_RANK] - penalty[_layers_until(layer, current_layer, num_layers)], entry[_SEQ])
-            if best is None or score < best:
-                best, victim = score, entry[_KEY]
-        return victim
+        return self._ranking.choose(self._heaps, is_pinned, current_layer, num_layers)
 
     def _add_weight(self, key: SubExpertKey, log2_amount: float) -> None:
         self._log2_weight[key] = _log2_add(self._log2_weight.get(key, -math.inf), log2_amount)
@@ -306,20 +306,111 @@ class ActivationPolicy:
         self._seq += 1
         entry = _new_entry(self._log2_weight.get(key, -math.inf), self._seq, key)
         self._entry_of[key] = entry
-        heap = self._heaps.setdefault(key.layer, [])
-        heapq.heappush(heap, entry)
-        _compact_if_bloated(heap, self._resident_in_layer[key.layer])
+        heap = self._heaps.get(key.layer)
+        if heap is None:
+            heap = self._heaps[key.layer] = _LazyHeap()
+        heap.push(entry, self._resident_in_layer[key.layer])
+        self._ranking.note_push(key.layer, old, entry)
 
-    def _penalties(self, num_layers: int) -> list[float]:
-        """distance_weight * log2(r) for r = 0..num_layers, cached: num_layers rarely changes."""
-        if len(self._distance_penalty) != num_layers + 1:
-            self._distance_penalty = [0.0] + [self.distance_weight * math.log2(r) for r in range(1, num_layers + 1)]
-        return self._distance_penalty
+
+class _LayerRanking:
+    """Finds the activation policy's victim without looking at every layer on every call.
+
+    Each layer's best candidate (its smallest unpinned live entry) is cached and recomputed only when
+    that layer's heap changed in a way that can move it ("stale"). Layers with pinned entries parked
+    are "volatile" and recomputed on every call, since pins lapse without the policy hearing of it
+    (release); pins are few, so this is cheap. A heap over layers orders the bests by
+    rank - distance_weight * log2 r(layer); r depends on current_layer, so that heap is rebuilt from
+    the cached bests whenever current_layer or num_layers changes: once per layer, O(num_layers).
+    """
+
+    def __init__(self, distance_weight: float) -> None:
+        self._distance_weight = distance_weight
+        self._best: dict[int, HeapEntry | None] = {}  # layer -> cached best; None: all pinned
+        self._stale: set[int] = set()
+        self._volatile: set[int] = set()
+        self._order: list[tuple[float, int, int, HeapEntry]] = []  # (score, seq, layer, best)
+        self._context: tuple[int, int] = (-1, -1)  # (current_layer, num_layers) of _order
+        self._penalty: list[float] = []  # index r -> distance_weight * log2(r)
+
+    def note_push(self, layer: int, old: HeapEntry | None, new: HeapEntry) -> None:
+        """A unit of `layer` got a new entry: the cached best stands if untouched and still smaller."""
+        best = self._best.get(layer)
+        if best is None or best is old or new < best:
+            self._invalidate(layer)
+
+    def note_evict(self, layer: int, entry: HeapEntry) -> None:
+        if self._best.get(layer) is entry:
+            self._invalidate(layer)
+
+    def choose(
+        self, heaps: dict[int, _LazyHeap], is_pinned: IsPinned, current_layer: int, num_layers: int
+    ) -> SubExpertKey | None:
+        """The victim among the live entries of `heaps` (layer -> heap), never a pinned unit."""
+        if (current_layer, num_layers) != self._context:
+            self._rescore(current_layer, num_layers)
+        for layer in self._stale.union(self._volatile) if self._volatile else self._stale:
+            self._refresh(layer, heaps, is_pinned)
+        self._stale.clear()
+        if len(self._order) > 2 * len(self._best) + _COMPACT_SLACK:
+            self._rescore(current_layer, num_layers)
+        return self._top(heaps, is_pinned)
+
+    def _invalidate(self, layer: int) -> None:
+        self._best.pop(layer, None)
+        self._stale.add(layer)
+
+    def _refresh(self, layer: int, heaps: dict[int, _LazyHeap], is_pinned: IsPinned) -> None:
+        heap = heaps.get(layer)
+        best = None if heap is None else heap.best_unpinned(is_pinned)
+        has_pinned = heap is not None and bool(heap.parked)
+        if best is None and not has_pinned:  # no resident unit left in this layer
+            self._best.pop(layer, None)
+            self._volatile.discard(layer)
+            return
+        self._best[layer] = best
+        if has_pinned:
+            self._volatile.add(layer)
+        else:
+            self._volatile.discard(layer)
+        if best is not None:
+            heapq.heappush(self._order, (self._score(layer, best), best[_SEQ], layer, best))
+
+    def _top(self, heaps: dict[int, _LazyHeap], is_pinned: IsPinned) -> SubExpertKey | None:
+        """Smallest valid entry of _order. A best found pinned (pinned without a reported access)
+        is recomputed, so correctness does not rest on how the caller reports accesses."""
+        while self._order:
+            _, _, layer, best = self._order[0]
+            if self._best.get(layer) is not best or not best[_ALIVE]:
+                heapq.heappop(self._order)
+            elif is_pinned(best[_KEY]):
+                heapq.heappop(self._order)
+                self._refresh(layer, heaps, is_pinned)
+            else:
+                return best[_KEY]
+        return None
+
+    def _rescore(self, current_layer: int, num_layers: int) -> None:
+        if len(self._penalty) != num_layers + 1:
+            weight = self._distance_weight
+            self._penalty = [0.0] + [weight * math.log2(r) for r in range(1, num_layers + 1)]
+        self._context = (current_layer, num_layers)
+        penalty, after = self._penalty, current_layer + 1
+        self._order = [  # _score inlined: this runs for every layer, once per layer
+            (best[_RANK] - penalty[(layer - after) % num_layers + 1], best[_SEQ], layer, best)
+            for layer, best in self._best.items()
+            if best is not None
+        ]
+        heapq.heapify(self._order)
+
+    def _score(self, layer: int, best: HeapEntry) -> float:
+        current_layer, num_layers = self._context
+        return best[_RANK] - self._penalty[_layers_until(layer, current_layer, num_layers)]
 
 
 def _layers_until(layer: int, current_layer: int, num_layers: int) -> int:
-    """Layer-computations until `layer` runs again after `current_layer`: 1 (next) .. num_layers (itself)."""
-    return (current_layer - layer) % num_layers + 1
+    """Layer-computations until `layer` runs again after `current_layer`: 1 (next) .. num_layers."""
+    return (layer - current_layer - 1) % num_layers + 1
 
 
 def _require_positive(option: str, value: float) -> None:

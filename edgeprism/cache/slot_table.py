@@ -109,7 +109,8 @@ class SlotTable:
         wanted = Counter(keys)
         for key, times in wanted.items():
             if self._pins.get(key, 0) < times:
-                raise ValueError(f"release of {key} x{times} but it is pinned {self.pin_count(key)} times")
+                pinned = self.pin_count(key)
+                raise ValueError(f"release of {key} x{times} but it is pinned {pinned} times")
         for key, times in wanted.items():
             left = self._pins[key] - times
             if left:
@@ -162,9 +163,9 @@ class SlotTable:
         needed = len(self._pins) + len(new_pins)
         if needed > self.num_slots:
             raise CacheFullError(
-                f"the expert cache has {self.num_slots} slots but this step needs {needed} distinct units "
-                f"pinned at once ({len(self._pins)} already pinned, {len(new_pins)} more in this call); "
-                "raise the VRAM budget"
+                f"the expert cache has {self.num_slots} slots but this step needs {needed} distinct "
+                f"units pinned at once ({len(self._pins)} already pinned, {len(new_pins)} more in this "
+                "call); raise the VRAM budget"
             )
 
     def _use_resident(self, key: SubExpertKey, slot: int, step: int) -> int:
@@ -184,7 +185,7 @@ class SlotTable:
         self.policy.on_access(key, step)
         slot = self._claim_slot(step, current_layer, num_layers)
         if slot is None:
-            raise AssertionError(f"policy {self.policy.name} found no victim although _check_fits passed")
+            raise AssertionError(f"policy {self.policy.name} found no victim though _check_fits passed")
         self._place(key, slot, step)
         self._pins[key] = 1
         fills.append((key, slot))
@@ -198,7 +199,7 @@ class SlotTable:
         if victim is None:
             return None
         if victim in self._pins or victim not in self._slot_of:
-            raise AssertionError(f"policy {self.policy.name} chose {victim}, which is pinned or not resident")
+            raise AssertionError(f"policy {self.policy.name} chose {victim}: pinned or not resident")
         slot = self._slot_of.pop(victim)
         self._key_in[slot] = None
         self.evictions += 1
@@ -218,14 +219,15 @@ class SlotTable:
         _require(len(occupied) == len(self._slot_of), "slot->key and key->slot maps differ in size")
         _require(self.num_resident <= self.num_slots, "more resident units than slots")
         for key, slot in self._slot_of.items():
-            _require(self._key_in[slot] == key, f"{key} maps to slot {slot}, which holds {self._key_in[slot]}")
-        _require(sorted(self._free) == sorted(set(range(self.num_slots)) - set(occupied)), "free list wrong")
+            _require(self._key_in[slot] == key, f"{key} maps to slot {slot}, holding {self._key_in[slot]}")
+        empty = set(range(self.num_slots)) - set(occupied)
+        _require(sorted(self._free) == sorted(empty), "free list differs from the empty slots")
         _require(len(set(self._free)) == len(self._free), "a slot is free twice")
         for key, count in self._pins.items():
             _require(count >= 1, f"{key} has pin count {count}")
             _require(key in self._slot_of, f"{key} is pinned but not resident")
         tracked = len(self.policy) if isinstance(self.policy, Sized) else self.num_resident
-        _require(tracked == self.num_resident, f"policy tracks {tracked} units, {self.num_resident} resident")
+        _require(tracked == self.num_resident, f"policy tracks {tracked} units; {self.num_resident} resident")
         _require(min(self.hits, self.misses, self.evictions, self.prefetches) >= 0, "negative counter")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -88,3 +89,41 @@ class Checkpoint:
 
     def close(self) -> None:
         self._handles.clear()
+
+
+class MemoryCheckpoint:
+    """A checkpoint held in memory: a config dict and HF-named tensors (e.g. a transformers model's
+    `state_dict()`), or random tensors made on demand when `tensors` is None (benchmarks of real
+    geometries without writing tens of GB to disk). Same interface as `Checkpoint`."""
+
+    def __init__(self, config: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None, seed: int = 0,
+                 std: float = 0.02) -> None:
+        self.path: Path | None = None
+        self.spec = ModelSpec.from_dict(config, source="in-memory config")
+        self._tensors, self._seed, self._std = tensors, seed, std
+
+    def has(self, name: str) -> bool:
+        if self._tensors is not None:
+            return name in self._tensors
+        return ".experts." in name and not name.endswith(("gate_up_proj", "down_proj"))  # per-expert layout
+
+    def get(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        if self._tensors is None:
+            return self._random(name, shape)
+        if name not in self._tensors:
+            raise CheckpointError(f"tensor {name!r} is missing from the in-memory checkpoint.")
+        t = self._tensors[name]
+        if shape is not None and tuple(t.shape) != tuple(shape):
+            raise CheckpointError(f"tensor {name!r} has shape {list(t.shape)}, expected {list(shape)}.")
+        return t
+
+    def _random(self, name: str, shape: tuple[int, ...] | None) -> torch.Tensor:
+        if shape is None:
+            raise CheckpointError(f"a synthetic checkpoint needs the shape of {name!r}.")
+        if "norm" in name:
+            return torch.ones(shape)
+        gen = torch.Generator().manual_seed(self._seed * 1_000_003 + zlib.crc32(name.encode()))
+        return torch.randn(shape, generator=gen, dtype=torch.bfloat16) * self._std
+
+    def close(self) -> None:
+        """Nothing to release: the tensors belong to the caller."""

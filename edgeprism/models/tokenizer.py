@@ -72,6 +72,6 @@ def _raise_template_error(message: str) -> None:
     raise InputError(f"the chat template rejected the messages: {message}")
 
 
-def missing_tokenizer(directory: Path) -> TokenizerMissingError:
-    return TokenizerMissingError(f"{directory} has no tokenizer.json, so text calls cannot work; use "
+def missing_tokenizer(directory: Path | None) -> TokenizerMissingError:
+    return TokenizerMissingError(f"{directory or 'this in-memory model'} has no tokenizer.json, so text calls cannot work; use "
                                  "Engine.generate_ids / Engine.logits with token ids, or add the tokenizer files.")

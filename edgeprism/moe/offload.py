@@ -3,8 +3,8 @@
 Three execution paths, chosen per call by size:
 - static: every unit is resident (the budget holds all experts). Slot ids come from a device-side
   table, so a decode step needs no host sync at all.
-- gathered (decode): the step's units are pinned in slots (missing ones copied in) and computed by
-  one batched GEMV over the slots; no Python loop per unit.
+- gathered (decode, one token): the step's units are pinned in slots (missing ones copied in) and
+  computed by one batched GEMV over the slots; no Python loop per unit.
 - unit by unit (prefill, or units too large to gather): one unit pinned at a time, so a cache far
   smaller than one layer's experts still runs a long prompt.
 """
@@ -37,19 +37,22 @@ class OffloadedExperts:
             for e in range(store.num_experts):
                 for g in range(self.groups):
                     slot_map[layer, e, g] = table.lookup(SubExpertKey(layer, e, g))
+        self.host_slot_map = slot_map
         return slot_map.to(self.cache.device)  # [L, E, G]
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         # x: [T, D]; ids, weights: [T, k] -> [T, D]
+        # The path depends only on the call's shape, never on the cache state, so that outputs are
+        # bit-identical whatever the cache size or policy. A decode step's k·G units always fit.
         assignments = ids.numel() * self.groups
-        gather = assignments * self.unit_bytes <= self.gather_limit
+        gather = ids.shape[0] == 1 and assignments * self.unit_bytes <= self.gather_limit
         if self.slot_map is not None:
             self.static_hits += assignments
-            if gather:
-                return self._static(layer, x, ids, weights)
-        elif gather:
-            return self._gathered(layer, x, ids, weights)
-        return self._unit_by_unit(layer, x, ids, weights)
+        if not gather:
+            return self._unit_by_unit(layer, x, ids, weights)
+        if self.slot_map is not None:
+            return self._static(layer, x, ids, weights)
+        return self._gathered(layer, x, ids, weights)
 
     def _expand(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token index and routing weight of each (token, expert, group) assignment: [A] each."""
@@ -87,5 +90,5 @@ class OffloadedExperts:
 
     def _slot(self, key: SubExpertKey, layer: int) -> int:
         if self.slot_map is not None:
-            return int(self.slot_map[key.layer, key.expert, key.group])
+            return int(self.host_slot_map[key.layer, key.expert, key.group])
         return self.cache.acquire([key], self.step, layer)[0]

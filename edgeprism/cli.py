@@ -1,0 +1,115 @@
+"""The `edgeprism` command: generate, info."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from edgeprism.errors import EdgeprismError
+
+
+def _add_load_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="Hugging Face MoE checkpoint directory (default: the embedded model)")
+    p.add_argument("--vram-gb", type=float, default=None, help="device memory budget in GB (default: what is free)")
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--policy", default="lru", help="expert cache policy: lru, lfu or activation")
+    p.add_argument("--max-context", type=int, default=4096, help="tokens of context to reserve KV cache for")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgeprism", description="Run MoE language models on small GPUs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does (budget split...)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="stream a continuation of a prompt to stdout")
+    gen.add_argument("prompt", help="the text to continue")
+    _add_load_args(gen)
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stats", action="store_true", help="print cache statistics to stderr at the end")
+
+    info = sub.add_parser("info", help="describe a checkpoint and how a VRAM budget would be split")
+    info.add_argument("model", nargs="?", default=None, help="checkpoint directory (default: the embedded model)")
+    info.add_argument("--vram-gb", type=float, default=None, help="show the split of this budget")
+    info.add_argument("--dtype", default="bf16", help="dtype the weights would run in (default bf16)")
+    info.add_argument("--max-context", type=int, default=4096)
+    info.add_argument("--groups", type=int, default=1, help="sub-experts per expert")
+    return parser
+
+
+def _progress_bar():  # noqa: ANN202 - tqdm type
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="B", unit_scale=True, desc="loading experts", file=sys.stderr, leave=False)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    return bar, update
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from edgeprism.api import load
+
+    bar, update = _progress_bar()
+    engine = load(args.model, vram_gb=args.vram_gb, device=args.device, dtype=args.dtype, policy=args.policy,
+                  max_context=args.max_context, progress=update)
+    bar.close()
+    for piece in engine.stream(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                               top_p=args.top_p, top_k=args.top_k, seed=args.seed):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if args.stats:
+        for key, value in engine.stats().items():
+            print(f"{key}: {value}", file=sys.stderr)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from edgeprism.api import resolve_dtype, resolve_model
+    from edgeprism.models.checkpoint import Checkpoint
+    from edgeprism.runtime.memory import GiB, plan_budget, resident_params
+
+    ckpt = Checkpoint(resolve_model(args.model))
+    spec = ckpt.spec
+    elem = torch.empty((), dtype=resolve_dtype(args.dtype, torch.device("cpu"))).element_size()
+    experts, resident = spec.expert_params, resident_params(spec)
+    context = min(args.max_context, spec.max_position)
+    print(f"model:        {ckpt.path}")
+    print(f"family:       {spec.family}  ({spec.n_layers} layers, {len(spec.moe_layers)} MoE, "
+          f"{spec.num_experts} experts, top-{spec.top_k}, hidden {spec.dim}, expert intermediate {spec.moe_intermediate})")
+    print(f"parameters:   {(experts + resident) / 1e9:.3f} B total = {experts / 1e9:.3f} B in routed experts "
+          f"+ {resident / 1e9:.3f} B resident")
+    print(f"bytes ({args.dtype}): experts {experts * elem / GiB:.3f} GiB, rest {resident * elem / GiB:.3f} GiB")
+    print(f"context:      {spec.max_position} tokens (model), {context} reserved")
+    if args.vram_gb is not None:
+        plan = plan_budget(spec, elem=elem, groups=args.groups, max_context=context, chunk=256,
+                           gather_limit=256 * 2**20, vram_bytes=int(args.vram_gb * GiB))
+        print(f"split:        {plan.describe()}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return {"generate": cmd_generate, "info": cmd_info}[args.command](args)
+    except EdgeprismError as e:
+        print(f"edgeprism: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
