@@ -196,10 +196,13 @@ class Engine:
             return self._run(ids, 0, last_only=False)
 
     def _token_iter(self, ids: list[int], max_new_tokens: int, sampling: Sampling) -> Iterator[int]:
-        """Yield new token ids, taking the lock per token so a paused stream blocks no one."""
-        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        """Check the arguments now (not at the first `next`), then return the token generator."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise InputError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer.")
-        ids = self._check_ids(ids)
+        return self._tokens(self._check_ids(ids), max_new_tokens, sampling)
+
+    def _tokens(self, ids: list[int], max_new_tokens: int, sampling: Sampling) -> Iterator[int]:
+        """Yield new token ids, taking the lock per token so a paused stream blocks no one."""
         gen, eos = sampling.generator(), self.eos_ids
         with self._lock:
             self._session += 1
@@ -230,6 +233,11 @@ class Engine:
         sampling = Sampling(temperature, top_p, top_k, seed)
         with self._lock:
             return list(self._token_iter(input_ids, max_new_tokens, sampling))
+
+    def stream_ids(self, input_ids: list[int], max_new_tokens: int = 256, temperature: float = 0.0,
+                   top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> Iterator[int]:
+        """Yield new token ids one at a time (the id-level `stream`)."""
+        return self._token_iter(input_ids, max_new_tokens, Sampling(temperature, top_p, top_k, seed))
 
     def _prompt_ids(self, prompt: str | None, messages: list[dict[str, str]] | None) -> list[int]:
         if (prompt is None) == (messages is None):
@@ -278,7 +286,7 @@ class Engine:
         with self._lock:
             self.cache.table.reset_counters()
             self.experts.static_hits = 0
-            self.cache.bytes_h2d = self.cache.copies = 0
+            self.cache.reset_copy_stats()
             self._counts = {"tokens": 0, "prompt_tokens": 0}
 
     def close(self) -> None:

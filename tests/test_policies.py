@@ -15,7 +15,6 @@ from edgeprism.cache.policies import (
     ActivationPolicy,
     EvictionPolicy,
     LFUPolicy,
-    LRUPolicy,
     make_policy,
 )
 from edgeprism.cache.slot_table import SlotTable

@@ -30,6 +30,8 @@ class ExpertCache:
         self.num_layers = max(store.layers) + 1
         self.bytes_h2d = 0
         self.copies = 0
+        self.time_copies = False  # set True to time fills with CUDA events (benchmarks)
+        self._copy_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
     @property
     def num_slots(self) -> int:
@@ -51,11 +53,29 @@ class ExpertCache:
         the data; from pinned memory they do not block the host (PCIe needs ≥ 4 MiB per copy to
         reach full speed, hence the merging).
         """
+        if not fills:
+            return
+        timed = self.time_copies and self.device.type == "cuda"
+        if timed:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
         for key, slot, count in _runs(fills, self.store):
             src = self.store.units(key.layer, self.store.row(key), count)
             self.pool[slot:slot + count].copy_(src, non_blocking=self.store.pinned)
             self.bytes_h2d += src.numel() * src.element_size()
             self.copies += 1
+        if timed:
+            end.record()
+            self._copy_events.append((start, end))
+
+    def copy_seconds(self) -> float:
+        """GPU time spent in timed fills so far (synchronises; benchmarks only)."""
+        torch.cuda.synchronize(self.device)
+        return sum(a.elapsed_time(b) for a, b in self._copy_events) / 1e3
+
+    def reset_copy_stats(self) -> None:
+        self.bytes_h2d = self.copies = 0
+        self._copy_events.clear()
 
     def preload_all(self) -> bool:
         """If every unit fits, place them all (no counting) and return True: the cache is then static."""
@@ -64,7 +84,7 @@ class ExpertCache:
         if len(keys) > self.num_slots:
             return False
         self.fill(self.table.preload(keys))
-        self.bytes_h2d = self.copies = 0
+        self.reset_copy_stats()
         return True
 
 

@@ -8,6 +8,7 @@ host-store arena) and the mapped pages can be dropped.
 from __future__ import annotations
 
 import json
+import math
 import os
 import zlib
 from pathlib import Path
@@ -91,6 +92,9 @@ class Checkpoint:
         self._handles.clear()
 
 
+SYNTHETIC_POOL = 1 << 24  # random values shared by every synthetic tensor
+
+
 class MemoryCheckpoint:
     """A checkpoint held in memory: a config dict and HF-named tensors (e.g. a transformers model's
     `state_dict()`), or random tensors made on demand when `tensors` is None (benchmarks of real
@@ -101,6 +105,7 @@ class MemoryCheckpoint:
         self.path: Path | None = None
         self.spec = ModelSpec.from_dict(config, source="in-memory config")
         self._tensors, self._seed, self._std = tensors, seed, std
+        self._pool: torch.Tensor | None = None
 
     def has(self, name: str) -> bool:
         if self._tensors is not None:
@@ -118,12 +123,20 @@ class MemoryCheckpoint:
         return t
 
     def _random(self, name: str, shape: tuple[int, ...] | None) -> torch.Tensor:
+        """Gaussian values cut from one 32 MB random pool at a name-dependent offset: drawing tens of
+        GB of fresh random numbers would dominate benchmark set-up, and repeats do not matter there."""
         if shape is None:
             raise CheckpointError(f"a synthetic checkpoint needs the shape of {name!r}.")
         if "norm" in name:
             return torch.ones(shape)
-        gen = torch.Generator().manual_seed(self._seed * 1_000_003 + zlib.crc32(name.encode()))
-        return torch.randn(shape, generator=gen, dtype=torch.bfloat16) * self._std
+        if self._pool is None:
+            gen = torch.Generator().manual_seed(self._seed)
+            self._pool = torch.randn(SYNTHETIC_POOL, generator=gen).to(torch.bfloat16) * self._std
+        n = math.prod(shape)
+        start = zlib.crc32(name.encode()) % SYNTHETIC_POOL
+        reps = (start + n + SYNTHETIC_POOL - 1) // SYNTHETIC_POOL
+        flat = self._pool.repeat(reps) if reps > 1 else self._pool
+        return flat[start:start + n].view(shape)
 
     def close(self) -> None:
         """Nothing to release: the tensors belong to the caller."""

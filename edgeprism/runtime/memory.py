@@ -41,14 +41,14 @@ def kv_cache_bytes(spec: ModelSpec, max_context: int, elem: int) -> int:
     return 2 * spec.n_layers * spec.n_kv_heads * max_context * spec.head_dim * elem
 
 
-def workspace_bytes(spec: ModelSpec, max_context: int, chunk: int, elem: int, gather_limit: int) -> int:
+def workspace_bytes(spec: ModelSpec, max_context: int, chunk: int, elem: int, gather: int) -> int:
     """A conservative reserve for activations of one prefill chunk plus the decode gather buffer."""
     inter = max(spec.moe_intermediate, spec.dense_intermediate, spec.shared_intermediate)
     acts = chunk * (12 * spec.dim + 4 * inter) * max(elem, 4)
     scores = 2 * spec.n_heads * chunk * max_context * 4  # attention probabilities if materialised
     logits = chunk * spec.vocab_size * (elem + 4) * 2
     rope = 2 * max_context * spec.head_dim * 4
-    return acts + scores + logits + rope + gather_limit + WORKSPACE_SLACK
+    return acts + scores + logits + rope + gather + WORKSPACE_SLACK
 
 
 @dataclass(frozen=True)
@@ -82,8 +82,9 @@ def plan_budget(spec: ModelSpec, *, elem: int, groups: int, max_context: int, ch
     """Split `vram_bytes` (None = no limit) into its parts; raise BudgetError if the resident part does not fit."""
     resident = resident_params(spec) * elem
     kv = kv_cache_bytes(spec, max_context, elem)
-    work = workspace_bytes(spec, max_context, chunk, elem, gather_limit)
     unit = 3 * spec.dim * (spec.moe_intermediate // groups) * elem
+    gather = min(gather_limit, spec.top_k * groups * unit)  # one decode step gathers its k·G units
+    work = workspace_bytes(spec, max_context, chunk, elem, 2 * gather)
     total_units = len(spec.moe_layers) * spec.num_experts * groups
     min_slots = spec.top_k * groups  # one decode step of one layer must fit at once
     if vram_bytes is None:

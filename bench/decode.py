@@ -1,0 +1,330 @@
+"""Decode tokens/s against VRAM budget, edgeprism next to what users would pick instead.
+
+Real MoE geometries with random bf16 weights (made in memory, layer count reducible), or any local
+HF checkpoint (--model DIR). One run, one machine; writes results.json (a list of records) to --out.
+
+    python bench/decode.py --geometry qwen3-30b-a3b --layers 12 --budgets 4 8 16 --out DIR
+    python bench/decode.py --quick --out DIR          # CPU smoke run (CI)
+
+Decoding samples at temperature 1 from a fixed seed: with random weights greedy decoding falls into
+repetition loops that route the same experts every step and would flatter every cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import edgeprism  # noqa: E402
+from bench.baselines import LruExpertOffload, accelerate_model, install  # noqa: E402
+from edgeprism.models.checkpoint import Checkpoint, MemoryCheckpoint  # noqa: E402
+
+GiB = 2**30
+
+GEOMETRIES: dict[str, dict[str, Any]] = {
+    "qwen3-30b-a3b": dict(architectures=["Qwen3MoeForCausalLM"], vocab_size=151936, hidden_size=2048,
+                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                          num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, intermediate_size=6144,
+                          norm_topk_prob=True, rope_theta=1e6, max_position_embeddings=40960, rms_norm_eps=1e-6),
+    "olmoe-1b-7b": dict(architectures=["OlmoeForCausalLM"], vocab_size=50304, hidden_size=2048, num_hidden_layers=16,
+                        num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
+                        intermediate_size=1024, norm_topk_prob=False, rope_theta=10000.0, max_position_embeddings=4096,
+                        rms_norm_eps=1e-5),
+    "mixtral-8x7b": dict(architectures=["MixtralForCausalLM"], vocab_size=32000, hidden_size=4096, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+                         intermediate_size=14336, rope_theta=1e6, max_position_embeddings=32768, rms_norm_eps=1e-5),
+    "qwen1.5-moe-a2.7b": dict(architectures=["Qwen2MoeForCausalLM"], vocab_size=151936, hidden_size=2048,
+                              num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16, num_experts=60,
+                              num_experts_per_tok=4, moe_intermediate_size=1408, shared_expert_intermediate_size=5632,
+                              intermediate_size=5632, norm_topk_prob=False, rope_theta=1e6,
+                              max_position_embeddings=8192, rms_norm_eps=1e-6),
+    "tiny": dict(architectures=["Qwen3MoeForCausalLM"], vocab_size=512, hidden_size=128, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=32, num_experts_per_tok=4,
+                 moe_intermediate_size=256, norm_topk_prob=True, max_position_embeddings=2048),
+}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def h2d_bandwidth(unit_bytes: int, total_bytes: int, device: torch.device) -> dict[str, float]:
+    """Plain pinned host→device copies: unit-sized copies and one big copy of `total_bytes`, GB/s."""
+    n_units = max(1, total_bytes // unit_bytes)
+    pin = device.type == "cuda"
+    src = torch.empty(n_units * unit_bytes, dtype=torch.uint8, pin_memory=pin)
+    dst = torch.empty_like(src, device=device)
+    out = {}
+    for name, step in (("unit_copies", unit_bytes), ("one_copy", src.numel())):
+        best = float("inf")
+        for _ in range(3):
+            sync(device)
+            t0 = time.perf_counter()
+            for off in range(0, src.numel(), step):
+                dst[off:off + step].copy_(src[off:off + step], non_blocking=pin)
+            sync(device)
+            best = min(best, time.perf_counter() - t0)
+        out[name] = src.numel() / best / 1e9
+    del src, dst
+    return out
+
+
+def decode_run(engine: Any, prompt: list[int], tokens: int, warmup: int, reset) -> dict[str, Any]:  # noqa: ANN001
+    """TTFT, then per-token decode latencies after `warmup` tokens (counters reset at that point)."""
+    device = engine.device
+    sync(device)
+    t0 = time.perf_counter()
+    it = engine.stream_ids(prompt, max_new_tokens=warmup + tokens + 1, temperature=1.0, seed=0)
+    next(it)
+    ttft = time.perf_counter() - t0
+    for _ in range(warmup):
+        next(it)
+    reset()
+    lat = []
+    for _ in range(tokens):
+        t = time.perf_counter()
+        next(it)
+        lat.append(time.perf_counter() - t)
+    it.close()
+    lat.sort()
+    return {"ttft_ms": ttft * 1e3, "p50_ms": statistics.median(lat) * 1e3,
+            "p95_ms": lat[min(len(lat) - 1, int(0.95 * len(lat)))] * 1e3,
+            "tokens_per_s": len(lat) / sum(lat), "tokens": len(lat)}
+
+
+def load_engine(source: Any, budget: float | None, args: argparse.Namespace, **kw: Any) -> Any:
+    return edgeprism.load(source, vram_gb=budget, device=args.device, dtype=args.dtype,
+                          max_context=args.context, **kw)
+
+
+def run_edgeprism(source: Any, budget: float | None, args: argparse.Namespace, system: str,
+                  **kw: Any) -> dict[str, Any]:
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    t0 = time.perf_counter()
+    engine = load_engine(source, budget, args, policy=args.policy, **kw)
+    load_s = time.perf_counter() - t0
+    engine.cache.time_copies = True
+    prompt = torch.randint(0, engine.spec.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
+    rec = decode_run(engine, prompt, args.tokens, args.warmup, engine.reset_stats)
+    s = engine.stats()
+    copy_s = engine.cache.copy_seconds() if device.type == "cuda" else 0.0
+    rec.update(system=system, vram_gb=budget, hit_rate=s["hit_rate"], bytes_per_token=s["bytes_h2d"] / rec["tokens"],
+               h2d_gbps=(s["bytes_h2d"] / copy_s / 1e9) if copy_s else None, load_s=load_s,
+               cache_slots=s["cache_slots"], total_units=s["total_units"], host_pinned=s["host_pinned"],
+               policy=args.policy)
+    if device.type == "cuda":
+        rec["peak_vram_gb"] = (torch.cuda.max_memory_allocated(device) - base) / GiB
+        if budget is not None:
+            assert rec["peak_vram_gb"] <= budget, f"peak VRAM {rec['peak_vram_gb']:.3f} GB > budget {budget} GB"
+    engine.close()
+    del engine
+    gc.collect()
+    return rec
+
+
+def run_lru_expert(source: Any, budget: float, args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    engine = load_engine(source, budget, args, cache_fraction=1e-9)  # its own (minimal) pool is freed below
+    plan = engine.plan
+    avail = int(budget * GiB) - plan.resident - plan.kv_cache - plan.workspace  # the same expert-cache bytes
+    baseline = LruExpertOffload(engine.store, avail, engine.spec.top_k, device)
+    install(engine, baseline)
+    prompt = torch.randint(0, engine.spec.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
+    rec = decode_run(engine, prompt, args.tokens, args.warmup, baseline.reset_stats)
+    acc = baseline.hits + baseline.misses
+    rec.update(system="lru-expert", vram_gb=budget, hit_rate=baseline.hits / max(1, acc),
+               bytes_per_token=baseline.bytes_h2d / rec["tokens"], h2d_gbps=None,
+               cache_slots=baseline.per_layer * len(engine.store.layers))
+    if device.type == "cuda":
+        rec["peak_vram_gb"] = (torch.cuda.max_memory_allocated(device) - base) / GiB
+    engine.close()
+    del engine, baseline
+    gc.collect()
+    return rec
+
+
+def run_accelerate(cfg: dict[str, Any], source: MemoryCheckpoint, budget: float, args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    torch.cuda.reset_peak_memory_stats(device)
+    model = accelerate_model(cfg, budget, source.get)
+    prompt = torch.randint(0, cfg["vocab_size"], (1, args.prompt_len), generator=torch.Generator().manual_seed(1)).to(device)
+    n = args.accelerate_tokens
+    with torch.no_grad():
+        sync(device)
+        t0 = time.perf_counter()
+        model.generate(prompt, max_new_tokens=1, do_sample=False)
+        sync(device)
+        ttft = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model.generate(prompt, max_new_tokens=n + 1, min_new_tokens=n + 1, do_sample=False)
+        sync(device)
+        total = time.perf_counter() - t0
+    per_token = max(1e-9, (total - ttft) / n)
+    rec = {"system": "accelerate", "vram_gb": budget, "tokens_per_s": 1 / per_token, "p50_ms": per_token * 1e3,
+           "p95_ms": None, "ttft_ms": ttft * 1e3, "hit_rate": None, "bytes_per_token": None, "h2d_gbps": None,
+           "tokens": n, "peak_vram_gb": torch.cuda.max_memory_allocated(device) / GiB}
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rec
+
+
+def run_transformers_resident(cfg: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """transformers' own generate fully on the GPU vs edgeprism resident, on the very same weights."""
+    import transformers
+
+    device = torch.device(args.device)
+    arch = cfg["architectures"][0]
+    config = getattr(transformers, arch.replace("ForCausalLM", "Config"))(**{k: v for k, v in cfg.items() if k != "architectures"})
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        model = getattr(transformers, arch)(config).eval()
+    torch.set_default_dtype(torch.float32)
+    prompt = torch.randint(0, cfg["vocab_size"], (1, 32), generator=torch.Generator().manual_seed(1)).to(device)
+    n = args.tokens
+    with torch.no_grad():
+        model.generate(prompt, max_new_tokens=4, do_sample=False)  # warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        model.generate(prompt, max_new_tokens=1, do_sample=False)
+        sync(device)
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model.generate(prompt, max_new_tokens=n + 1, min_new_tokens=n + 1, do_sample=False)
+        sync(device)
+        total = time.perf_counter() - t0
+    hf = {"system": "transformers", "vram_gb": None, "tokens_per_s": n / (total - first), "p50_ms": (total - first) / n * 1e3,
+          "p95_ms": None, "ttft_ms": first * 1e3, "hit_rate": None, "bytes_per_token": 0, "h2d_gbps": None, "tokens": n,
+          "experts_implementation": str(getattr(model.config, "_experts_implementation", None))}
+    source = MemoryCheckpoint(cfg, model.state_dict())
+    engine = load_engine(source, None, args)
+    ids = prompt[0].tolist()
+    ours = decode_run(engine, ids, n, args.warmup, engine.reset_stats)
+    with torch.no_grad():
+        ref = model.generate(prompt, max_new_tokens=16, do_sample=False)[0, 32:].tolist()
+    ours_greedy = engine.generate_ids(ids, max_new_tokens=16)
+    ours.update(system="edgeprism-resident", vram_gb=None, hit_rate=1.0, bytes_per_token=0, h2d_gbps=None,
+                greedy_match_16=sum(a == b for a, b in zip(ref, ours_greedy)))
+    engine.close()
+    del engine, model, source
+    gc.collect()
+    torch.cuda.empty_cache()
+    return [hf, ours]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--geometry", default="qwen3-30b-a3b", choices=sorted(GEOMETRIES))
+    p.add_argument("--model", default=None, help="a local HF checkpoint instead of a random geometry")
+    p.add_argument("--layers", type=int, default=None, help="use this many layers of the geometry")
+    p.add_argument("--budgets", type=float, nargs="+", default=[4, 8, 16])
+    p.add_argument("--systems", default="edgeprism,lru-expert,resident,pcie-bound,accelerate")
+    p.add_argument("--tokens", type=int, default=32, help="decode tokens measured per run")
+    p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--accelerate-tokens", type=int, default=3)
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--policy", default="lru")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--resident-vs-transformers", default=None, choices=sorted(GEOMETRIES),
+                   help="also compare edgeprism resident with transformers' generate on this geometry (GPU)")
+    p.add_argument("--quick", action="store_true", help="tiny CPU smoke run")
+    p.add_argument("--out", default=None, help="folder for results.json (default bench/results/<date>-<device>)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.geometry, args.layers, args.budgets = "tiny", None, [0.075, 0.08]
+        args.tokens, args.warmup, args.prompt_len, args.context = 8, 2, 48, 128
+        args.systems = "edgeprism,lru-expert,resident,pcie-bound"
+    device = torch.device(args.device)
+    date = datetime.date.today().isoformat()
+    dev = device_name(device)
+    out = Path(args.out or Path(__file__).parent / "results" / f"{date}-{dev.replace(' ', '_').split('(')[0].strip('_')}")
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
+
+    if args.model:
+        source: Any = Checkpoint(args.model)
+        cfg, model_name = None, str(args.model)
+    else:
+        cfg = dict(GEOMETRIES[args.geometry])
+        if args.layers:
+            cfg["num_hidden_layers"] = args.layers
+        source, model_name = MemoryCheckpoint(cfg, seed=0), args.geometry
+    layers = source.spec.n_layers
+    systems = args.systems.split(",")
+    plan = [(s, b) for s in ("edgeprism", "lru-expert") if s in systems for b in args.budgets]
+    plan += [("resident", None)] if "resident" in systems else []
+    plan += [("accelerate", b) for b in args.budgets] if "accelerate" in systems and cfg and device.type == "cuda" else []
+    records: list[dict[str, Any]] = []
+    bar = tqdm(plan, desc="bench", file=sys.stderr)
+    for system, budget in bar:
+        bar.set_postfix_str(f"{system} {budget}")
+        try:
+            if system == "edgeprism":
+                rec = run_edgeprism(source, budget, args, "edgeprism")
+            elif system == "lru-expert":
+                rec = run_lru_expert(source, budget, args)
+            elif system == "resident":
+                rec = run_edgeprism(source, None, args, "resident")
+            else:
+                rec = run_accelerate(cfg, source, budget, args)
+        except edgeprism.errors.BudgetError as e:
+            tqdm.write(f"skip {system} at {budget} GB: {e}", file=sys.stderr)
+            continue
+        records.append(rec)
+        tqdm.write(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in rec.items()}), file=sys.stderr)
+    if "pcie-bound" in systems:
+        unit = 3 * source.spec.dim * source.spec.moe_intermediate * 2
+        bw = h2d_bandwidth(unit, min(1 * GiB, 64 * unit), device)
+        for r in [r for r in records if r["system"] == "edgeprism" and r["bytes_per_token"]]:
+            records.append({"system": "pcie-bound", "vram_gb": r["vram_gb"], "tokens_per_s": bw["unit_copies"] * 1e9 / r["bytes_per_token"],
+                            "h2d_gbps": bw["unit_copies"], "h2d_one_copy_gbps": bw["one_copy"],
+                            "bytes_per_token": r["bytes_per_token"], "p50_ms": None, "p95_ms": None, "ttft_ms": None,
+                            "hit_rate": r["hit_rate"], "peak_vram_gb": None})
+    if args.resident_vs_transformers and device.type == "cuda":
+        rcfg = dict(GEOMETRIES[args.resident_vs_transformers])
+        for rec in run_transformers_resident(rcfg, args):
+            rec.update(model=args.resident_vs_transformers, layers=rcfg["num_hidden_layers"])
+            records.append(rec)
+            tqdm.write(json.dumps(rec), file=sys.stderr)
+    for r in records:
+        r.setdefault("model", model_name)
+        r.setdefault("layers", layers)
+        r.setdefault("peak_vram_gb", None)
+        r.update(device=dev, command=command, date=date, torch=torch.__version__)
+    (out / "results.json").write_text(json.dumps(records, indent=1))
+    print(f"wrote {len(records)} records to {out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
