@@ -302,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         records.append(rec)
         tqdm.write(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in rec.items()}), file=sys.stderr)
+        (out / "partial.json").write_text(json.dumps(records, indent=1))  # survives a crash or time-out
     if "pcie-bound" in systems:
         unit = 3 * source.spec.dim * source.spec.moe_intermediate * 2
         bw = h2d_bandwidth(unit, min(1 * GiB, 64 * unit), device)
