@@ -113,9 +113,34 @@ def decode_run(engine: Any, prompt: list[int], tokens: int, warmup: int, reset) 
             "tokens_per_s": len(lat) / sum(lat), "tokens": len(lat)}
 
 
+class UniformRouting:
+    """Bench-only wrapper at the expert seam: replace the router's choice with k distinct experts
+    drawn uniformly per token. Random-weight models route with far more temporal locality than
+    trained ones (their hidden states collapse onto a shared direction in deep layers), which
+    flatters every cache; uniform routing is the opposite, worst case (no locality at all)."""
+
+    def __init__(self, inner: Any, num_experts: int) -> None:
+        self.inner, self.num_experts = inner, num_experts
+
+    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        ids = torch.rand(ids.shape[0], self.num_experts, device=ids.device).topk(ids.shape[1], dim=-1).indices
+        return self.inner(layer, x, ids, weights)
+
+
+def set_routing(engine: Any, routing: str) -> None:
+    from edgeprism.moe.layer import MoEBlock
+
+    if routing == "uniform":
+        for block in engine.model.layers:
+            if isinstance(block.ffn, MoEBlock):
+                block.ffn.experts = UniformRouting(block.ffn.experts, engine.spec.num_experts)
+
+
 def load_engine(source: Any, budget: float | None, args: argparse.Namespace, **kw: Any) -> Any:
-    return edgeprism.load(source, vram_gb=budget, device=args.device, dtype=args.dtype,
-                          max_context=args.context, **kw)
+    engine = edgeprism.load(source, vram_gb=budget, device=args.device, dtype=args.dtype,
+                            max_context=args.context, **kw)
+    set_routing(engine, args.routing)
+    return engine
 
 
 def run_edgeprism(source: Any, budget: float | None, args: argparse.Namespace, system: str,
@@ -156,6 +181,7 @@ def run_lru_expert(source: Any, budget: float, args: argparse.Namespace) -> dict
     avail = int(budget * GiB) - plan.resident - plan.kv_cache - plan.workspace  # the same expert-cache bytes
     baseline = LruExpertOffload(engine.store, avail, engine.spec.top_k, device)
     install(engine, baseline)
+    set_routing(engine, args.routing)
     prompt = torch.randint(0, engine.spec.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
     rec = decode_run(engine, prompt, args.tokens, args.warmup, baseline.reset_stats)
     acc = baseline.hits + baseline.misses
@@ -225,7 +251,7 @@ def run_transformers_resident(cfg: dict[str, Any], args: argparse.Namespace) -> 
           "p95_ms": None, "ttft_ms": first * 1e3, "hit_rate": None, "bytes_per_token": 0, "h2d_gbps": None, "tokens": n,
           "experts_implementation": str(getattr(model.config, "_experts_implementation", None))}
     source = MemoryCheckpoint(cfg, model.state_dict())
-    engine = load_engine(source, None, args)
+    engine = edgeprism.load(source, device=args.device, dtype=args.dtype, max_context=args.context)
     ids = prompt[0].tolist()
     ours = decode_run(engine, ids, n, args.warmup, engine.reset_stats)
     with torch.no_grad():
@@ -253,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--policy", default="lru")
+    p.add_argument("--routing", default="model", choices=["model", "uniform"],
+                   help="model: the random model's own router; uniform: k distinct experts drawn per token")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--resident-vs-transformers", default=None, choices=sorted(GEOMETRIES),
@@ -322,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         r.setdefault("layers", layers)
         r.setdefault("peak_vram_gb", None)
         r.update(device=dev, command=command, date=date, torch=torch.__version__)
+        r.setdefault("routing", args.routing)
     (out / "results.json").write_text(json.dumps(records, indent=1))
     print(f"wrote {len(records)} records to {out / 'results.json'}")
     return 0

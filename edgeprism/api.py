@@ -26,6 +26,7 @@ from edgeprism.models.decoder import Decoder
 from edgeprism.models.families import adapter_for
 from edgeprism.models.tokenizer import Tokenizer, missing_tokenizer
 from edgeprism.moe.offload import OffloadedExperts
+from edgeprism.runtime.graphs import DecodeStep
 from edgeprism.runtime.memory import GiB, BudgetPlan, free_device_bytes, plan_budget
 from edgeprism.sampling import Sampling, choose
 
@@ -88,10 +89,11 @@ class Engine:
         self.cache = ExpertCache(self.store, self.plan.num_slots, device, config.policy)
         self.experts = OffloadedExperts(self.cache, config.gather_limit)
         self.model = self._build_decoder()
+        self.decode_step = DecodeStep(self.model, device, config.cuda_graphs and self.experts.slot_map is not None)
         self.checkpoint.close()
         self._lock = threading.RLock()
         self._session = 0
-        self._counts = {"tokens": 0, "prompt_tokens": 0}
+        self._counts = {"tokens": 0, "prompt_tokens": 0, "forward_tokens": 0}
 
     # ---- loading -------------------------------------------------------------------------
     def _plan(self) -> BudgetPlan:
@@ -178,10 +180,13 @@ class Engine:
     @torch.inference_mode()
     def _run(self, ids: list[int], start: int, last_only: bool) -> torch.Tensor:
         """Feed `ids` at positions start.. in prefill chunks; logits of every position or the last."""
+        self._counts["forward_tokens"] += len(ids)
+        self.experts.step = self._counts["forward_tokens"]
+        if len(ids) == 1 and last_only:
+            return self.decode_step(ids[0], start)[-1]
         out: list[torch.Tensor] = []
         chunk = self.config.prefill_chunk
         for i in range(0, len(ids), chunk):
-            self.experts.step = self._counts["tokens"] + self._counts["prompt_tokens"]
             piece = torch.tensor(ids[i:i + chunk], dtype=torch.long, device=self.device)
             logits = self.model(piece, start + i, last_only=last_only)  # [t, V] or [1, V]
             if not last_only:
@@ -269,8 +274,10 @@ class Engine:
 
     # ---- stats and lifetime -------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        table = self.cache.table
-        hits = table.hits + self.experts.static_hits
+        table, spec = self.cache.table, self.spec
+        hits = table.hits
+        if self.experts.slot_map is not None:  # static cache: every routed unit is a hit (no counting on the hot path)
+            hits += self._counts["forward_tokens"] * len(spec.moe_layers) * spec.top_k * self.config.groups
         return {
             "hits": hits, "misses": table.misses, "evictions": table.evictions,
             "hit_rate": hits / max(1, hits + table.misses),
@@ -285,15 +292,14 @@ class Engine:
     def reset_stats(self) -> None:
         with self._lock:
             self.cache.table.reset_counters()
-            self.experts.static_hits = 0
             self.cache.reset_copy_stats()
-            self._counts = {"tokens": 0, "prompt_tokens": 0}
+            self._counts = {"tokens": 0, "prompt_tokens": 0, "forward_tokens": 0}
 
     def close(self) -> None:
         """Free device memory and pinned RAM; the engine cannot be used afterwards."""
         with self._lock:
             self._session += 1
-            for attr in ("model", "experts", "cache", "store"):
+            for attr in ("decode_step", "model", "experts", "cache", "store"):
                 if hasattr(self, attr):
                     delattr(self, attr)
             if self.device.type == "cuda":
@@ -351,7 +357,7 @@ def _held_back(text: str, stops: list[str]) -> int:
 def load(model: str | os.PathLike | MemoryCheckpoint | None = None, vram_gb: float | None = None, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, *, policy: str = "lru", groups: int = 1, max_context: int = 4096,
          prefill_chunk: int = 256, pin_memory: bool = True, cache_fraction: float | None = None,
-         gather_limit: int = 256 * 2**20, progress: Progress | None = None) -> Engine:
+         gather_limit: int = 256 * 2**20, cuda_graphs: bool = True, progress: Progress | None = None) -> Engine:
     """Load a Hugging Face MoE checkpoint directory (None = the embedded default model), or an
     in-memory `MemoryCheckpoint`.
 
@@ -362,7 +368,7 @@ def load(model: str | os.PathLike | MemoryCheckpoint | None = None, vram_gb: flo
         raise InputError(f"vram_gb={vram_gb!r}: must be a number of GB or None.")
     config = EngineConfig(vram_gb=vram_gb, policy=policy, groups=groups, max_context=max_context,
                           prefill_chunk=prefill_chunk, pin_memory=pin_memory, cache_fraction=cache_fraction,
-                          gather_limit=gather_limit)
+                          gather_limit=gather_limit, cuda_graphs=cuda_graphs)
     dev = resolve_device(device)
     source = model if isinstance(model, MemoryCheckpoint) else Checkpoint(resolve_model(model))
     return Engine(source, config, dev, resolve_dtype(dtype, dev), progress)

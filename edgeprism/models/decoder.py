@@ -61,9 +61,8 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = RMSNorm(q_out, spec.rms_eps), RMSNorm(kv_out, spec.rms_eps)
         self.cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
-                mask: torch.Tensor | None) -> torch.Tensor:
-        # x: [T, D]; cos, sin: [T, hd]; mask: [T, S] bool (True = attend) or None for plain causal
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # x: [T, D]; cos, sin: [T, hd] -> q [T, H, hd], k, v [T, Hkv, hd] (normed, clipped, rotated)
         T = x.shape[0]
         q, k, v = self.wq(x), self.wk(x), self.wv(x)  # [T, H*hd], [T, Hkv*hd] x2
         if self.qk_norm == "full":
@@ -76,14 +75,38 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, hd]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        # x: [T, D]; cos, sin: [T, hd]; mask: [T, S] bool (True = attend) or None for plain causal
+        T = x.shape[0]
+        q, k, v = self._qkv(x, cos, sin)
         assert self.cache is not None, "call Decoder.setup_caches() before running the model"
         keys, values = self.cache.update(start, k.transpose(0, 1), v.transpose(0, 1))  # [Hkv, S, hd]
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1), keys, values, attn_mask=mask,  # [H, T, hd]
             is_causal=mask is None and T > 1 and start == 0, enable_gqa=self.n_kv != self.n_heads)
         return self.wo(out.transpose(0, 1).reshape(T, -1))  # [T, D]
+
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+        """One token at a device-side position: fixed shapes, no host sync (CUDA-graph capturable).
+
+        x: [1, D]; cos, sin: [1, hd]; pos: [1] int64; mask: [L] bool over the first L cache slots.
+        """
+        q, k, v = self._qkv(x, cos, sin)
+        assert self.cache is not None, "call Decoder.setup_caches() before running the model"
+        self.cache.k.index_copy_(1, pos, k.transpose(0, 1))
+        self.cache.v.index_copy_(1, pos, v.transpose(0, 1))
+        L = mask.shape[0]
+        g = self.n_heads // self.n_kv  # query heads per KV head (heads kv*g .. kv*g+g-1 share KV head kv)
+        qg = q.view(self.n_kv, g, self.head_dim)  # [Hkv, g, hd]
+        scores = torch.bmm(qg, self.cache.k[:, :L].transpose(1, 2)) * self.head_dim ** -0.5  # [Hkv, g, L]
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.bmm(probs, self.cache.v[:, :L])  # [Hkv, g, hd]
+        return self.wo(out.reshape(1, -1))  # [1, D]
 
 
 class Block(nn.Module):
@@ -98,6 +121,11 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
                 mask: torch.Tensor | None) -> torch.Tensor:
         h = x + self.attn(self.attn_norm(x), cos, sin, start, mask)
+        return h + self.ffn(self.ffn_norm(h))
+
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+        h = x + self.attn.decode(self.attn_norm(x), cos, sin, pos, mask)
         return h + self.ffn(self.ffn_norm(h))
 
 
@@ -119,8 +147,10 @@ class Decoder(nn.Module):
         for block in self.layers:
             block.attn.cache = KVCache(self.spec.n_kv_heads, max_len, self.spec.head_dim, dtype, device)
         cos, sin = rope_tables(max_len, self.spec.head_dim, self.spec.rope_theta)
-        self.register_buffer("cos", cos.to(device), persistent=False)
-        self.register_buffer("sin", sin.to(device), persistent=False)
+        # cast once here, as transformers casts the fp32 tables to the activation dtype every call
+        self.register_buffer("cos", cos.to(device=device, dtype=dtype), persistent=False)
+        self.register_buffer("sin", sin.to(device=device, dtype=dtype), persistent=False)
+        self.register_buffer("positions", torch.arange(max_len, device=device), persistent=False)
         self.max_len = max_len
 
     def attention_mask(self, start: int, T: int) -> torch.Tensor | None:
@@ -131,8 +161,8 @@ class Decoder(nn.Module):
         return self._causal(start, T, window)
 
     def _causal(self, start: int, T: int, window: int | None) -> torch.Tensor:
-        q_pos = torch.arange(start, start + T, device=self.cos.device)[:, None]  # [T, 1]
-        k_pos = torch.arange(start + T, device=self.cos.device)[None, :]  # [1, S]
+        q_pos = self.positions[start:start + T, None]  # [T, 1]
+        k_pos = self.positions[None, :start + T]  # [1, S]
         mask = k_pos <= q_pos
         if window is not None:
             mask &= k_pos > q_pos - window
@@ -142,11 +172,24 @@ class Decoder(nn.Module):
         # tokens: [T] ids at positions start..start+T-1 -> logits [T, V] ([1, V] if last_only)
         T = tokens.shape[0]
         x = self.embed(tokens)  # [T, D]
-        cos = self.cos[start:start + T].to(x.dtype)  # [T, hd]
-        sin = self.sin[start:start + T].to(x.dtype)
+        cos = self.cos[start:start + T]  # [T, hd]
+        sin = self.sin[start:start + T]
         mask = self.attention_mask(start, T)
         for block in self.layers:
             x = block(x, cos, sin, start, mask)
         if last_only:
             x = x[-1:]
         return self.lm_head(self.norm(x))  # [T, V]
+
+    def decode(self, token: torch.Tensor, pos: torch.Tensor, length: int) -> torch.Tensor:
+        """One token; token, pos: [1] device tensors; attends over the first `length` cache slots
+        (masked beyond pos), so shapes depend on `length` only -> capturable in a CUDA graph."""
+        x = self.embed(token)  # [1, D]
+        cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)  # [1, hd]
+        k_pos = self.positions[:length]  # [L]
+        mask = k_pos <= pos
+        if self.spec.sliding_window is not None:
+            mask &= k_pos > pos - self.spec.sliding_window
+        for block in self.layers:
+            x = block.decode(x, cos, sin, pos, mask)
+        return self.lm_head(self.norm(x))  # [1, V]

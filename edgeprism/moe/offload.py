@@ -27,7 +27,6 @@ class OffloadedExperts:
         self.unit_bytes = cache.store.unit_bytes
         self.gather_limit = gather_limit_bytes
         self.step = 0
-        self.static_hits = 0
         self.slot_map = self._static_map() if cache.preload_all() else None
 
     def _static_map(self) -> torch.Tensor:
@@ -46,8 +45,6 @@ class OffloadedExperts:
         # bit-identical whatever the cache size or policy. A decode step's k·G units always fit.
         assignments = ids.numel() * self.groups
         gather = ids.shape[0] == 1 and assignments * self.unit_bytes <= self.gather_limit
-        if self.slot_map is not None:
-            self.static_hits += assignments
         if not gather:
             return self._unit_by_unit(layer, x, ids, weights)
         if self.slot_map is not None:

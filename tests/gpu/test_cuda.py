@@ -1,5 +1,7 @@
 """CUDA-only checks (skipped without a GPU; run on the device box).
 
+Greedy tokens must match transformers' bf16 greedy tokens, except after a near-tie (see below).
+
 bf16 tolerance: bf16 keeps 8 bits of mantissa, so every matmul, norm and residual add rounds at
 ~0.4% relative; through a few layers the logits drift by a few 1e-2. Rather than a magic number we
 hold edgeprism to transformers' own bf16 error: |ours_bf16 - ref_fp32| must stay within
@@ -38,7 +40,15 @@ def test_bf16_logits_and_greedy_tokens_on_cuda(checkpoints, name):
     err_hf = (ref16 - ref32).abs().max().item()
     assert err_ours <= 2 * err_hf + 0.02, (err_ours, err_hf)
     ours_tokens = eng.generate_ids(IDS, max_new_tokens=32)
-    assert ours_tokens == hf_tokens, (ours_tokens, hf_tokens, err_ours, err_hf)
+    n = next((i for i, (a, b) in enumerate(zip(ours_tokens, hf_tokens)) if a != b), len(hf_tokens))
+    if n < len(hf_tokens):
+        # A divergence is only acceptable at a near-tie: where transformers' own bf16 top-2 logits are
+        # closer than the bf16 noise we measured above, either choice is a faithful bf16 greedy step.
+        with torch.no_grad():
+            step = hf16(torch.tensor([IDS + hf_tokens[:n]], device="cuda")).logits[0, -1].float()
+        top2 = torch.topk(step, 2).values
+        margin = (top2[0] - top2[1]).item()
+        assert margin <= 2 * err_hf + 0.02, (n, ours_tokens, hf_tokens, margin, err_hf)
 
 
 @pytest.mark.parametrize("name", ["qwen3moe-headdim", "mixtral-gqa", "qwen2moe-shared-tied"])
