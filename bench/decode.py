@@ -196,23 +196,28 @@ def run_lru_expert(source: Any, budget: float, args: argparse.Namespace) -> dict
     return rec
 
 
+def time_hf_generate(model: Any, prompt: torch.Tensor, n: int, device: torch.device) -> tuple[float, float]:
+    """transformers' generate: (seconds to the first token, seconds per further token)."""
+    with torch.no_grad():
+        sync(device)
+        t0 = time.perf_counter()
+        model.generate(prompt, max_new_tokens=1, do_sample=False)
+        sync(device)
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model.generate(prompt, max_new_tokens=n + 1, min_new_tokens=n + 1, do_sample=False)
+        sync(device)
+        total = time.perf_counter() - t0
+    return first, max(1e-9, (total - first) / n)
+
+
 def run_accelerate(cfg: dict[str, Any], source: MemoryCheckpoint, budget: float, args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     torch.cuda.reset_peak_memory_stats(device)
     model = accelerate_model(cfg, budget, source.get)
     prompt = torch.randint(0, cfg["vocab_size"], (1, args.prompt_len), generator=torch.Generator().manual_seed(1)).to(device)
     n = args.accelerate_tokens
-    with torch.no_grad():
-        sync(device)
-        t0 = time.perf_counter()
-        model.generate(prompt, max_new_tokens=1, do_sample=False)
-        sync(device)
-        ttft = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        model.generate(prompt, max_new_tokens=n + 1, min_new_tokens=n + 1, do_sample=False)
-        sync(device)
-        total = time.perf_counter() - t0
-    per_token = max(1e-9, (total - ttft) / n)
+    ttft, per_token = time_hf_generate(model, prompt, n, device)
     rec = {"system": "accelerate", "vram_gb": budget, "tokens_per_s": 1 / per_token, "p50_ms": per_token * 1e3,
            "p95_ms": None, "ttft_ms": ttft * 1e3, "hit_rate": None, "bytes_per_token": None, "h2d_gbps": None,
            "tokens": n, "peak_vram_gb": torch.cuda.max_memory_allocated(device) / GiB}
@@ -238,16 +243,8 @@ def run_transformers_resident(cfg: dict[str, Any], args: argparse.Namespace) -> 
     n = args.tokens
     with torch.no_grad():
         model.generate(prompt, max_new_tokens=4, do_sample=False)  # warm-up
-        sync(device)
-        t0 = time.perf_counter()
-        model.generate(prompt, max_new_tokens=1, do_sample=False)
-        sync(device)
-        first = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        model.generate(prompt, max_new_tokens=n + 1, min_new_tokens=n + 1, do_sample=False)
-        sync(device)
-        total = time.perf_counter() - t0
-    hf = {"system": "transformers", "vram_gb": None, "tokens_per_s": n / (total - first), "p50_ms": (total - first) / n * 1e3,
+    first, per_token = time_hf_generate(model, prompt, n, device)
+    hf = {"system": "transformers", "vram_gb": None, "tokens_per_s": 1 / per_token, "p50_ms": per_token * 1e3,
           "p95_ms": None, "ttft_ms": first * 1e3, "hit_rate": None, "bytes_per_token": 0, "h2d_gbps": None, "tokens": n,
           "experts_implementation": str(getattr(model.config, "_experts_implementation", None))}
     source = MemoryCheckpoint(cfg, model.state_dict())
