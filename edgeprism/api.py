@@ -20,7 +20,7 @@ import torch
 from edgeprism.cache.host_store import HostStore
 from edgeprism.cache.vram_cache import ExpertCache
 from edgeprism.config import EngineConfig
-from edgeprism.errors import CheckpointError, ConfigError, GenerationInterrupted, InputError, ModelNotFoundError
+from edgeprism.errors import ConfigError, GenerationInterrupted, InputError, ModelNotFoundError
 from edgeprism.models.checkpoint import Checkpoint, MemoryCheckpoint
 from edgeprism.models.decoder import Decoder
 from edgeprism.models.families import adapter_for
@@ -215,12 +215,13 @@ class Engine:
             logits = self._run(ids, 0, last_only=True)
             self._counts["prompt_tokens"] += len(ids)
         pos = len(ids)
-        for i in range(max_new_tokens):
+        tok: int | None = None  # the token fed to the next step (None until the first is sampled)
+        for _ in range(max_new_tokens):
             with self._lock:
                 if self._session != session:
                     raise GenerationInterrupted("this stream was superseded by a newer call on the same engine; "
                                                 "start a new stream.")
-                if i > 0:
+                if tok is not None:
                     if pos >= self.max_context:
                         log.warning("context window of %d tokens is full; stopping generation", self.max_context)
                         return
@@ -402,4 +403,4 @@ def stream(prompt: str, model: str | os.PathLike | None = None, vram_gb: float |
     return _cached_engine(model, vram_gb).stream(prompt, **sampling)
 
 
-__all__ = ["DEFAULT_MODEL", "Engine", "load", "generate", "stream", "CheckpointError"]
+__all__ = ["DEFAULT_MODEL", "Engine", "load", "generate", "stream"]
