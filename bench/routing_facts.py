@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import edgeprism  # noqa: E402
 from edgeprism.api import Engine  # noqa: E402
+from edgeprism.corpus import token_stream  # noqa: E402
 from edgeprism.moe.layer import MoEBlock  # noqa: E402
 
-HELDOUT = Path(edgeprism.__file__).parent / "data" / "heldout.txt"
 DEFAULT_OUT = Path(__file__).parent / "results" / "2026-11-23-cpu-routing" / "routing.json"
 EOS_ID = 0  # <|endoftext|> of the default model
 
@@ -92,13 +92,10 @@ def uninstall(engine: Engine, recorders: list[RoutingRecorder]) -> None:
 
 def heldout_ids(engine: Engine, n_tokens: int) -> list[int]:
     """The first `n_tokens` of heldout.txt, documents split at blank lines and followed by EOS."""
-    ids: list[int] = []
-    for doc in HELDOUT.read_text(encoding="utf-8").split("\n\n"):
-        if doc.strip():
-            ids += engine.tokenizer.encode(doc) + [EOS_ID]
-        if len(ids) >= n_tokens:
-            return ids[:n_tokens]
-    raise SystemExit(f"heldout.txt holds only {len(ids)} tokens, fewer than --tokens {n_tokens}")
+    ids = token_stream(engine.tokenizer, n_tokens, EOS_ID)
+    if len(ids) < n_tokens:
+        raise SystemExit(f"heldout.txt holds only {len(ids)} tokens, fewer than --tokens {n_tokens}")
+    return ids
 
 
 def trace(engine: Engine, ids: list[int], window: int) -> tuple[list[LayerTrace], float]:

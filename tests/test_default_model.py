@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 
 import edgeprism
+from edgeprism.corpus import token_stream
 from edgeprism.api import Engine
 
 MODEL = edgeprism.DEFAULT_MODEL
-HELDOUT = Path(edgeprism.__file__).parent / "data" / "heldout.txt"
 GOLDEN = Path(__file__).parent / "golden" / "default_greedy.json"
 
 EOS_ID = 0  # <|endoftext|>: training appended it after every document
@@ -53,14 +53,9 @@ def engine() -> Engine:
 
 def heldout_ids(engine: Engine, n_tokens: int) -> list[int]:
     """The first `n_tokens` of the held-out token stream, built the way training built it."""
-    ids: list[int] = []
-    for doc in HELDOUT.read_text(encoding="utf-8").split("\n\n"):
-        if doc.strip():
-            ids += engine.tokenizer.encode(doc) + [EOS_ID]
-        if len(ids) >= n_tokens:
-            break
-    assert len(ids) >= n_tokens, "heldout.txt is shorter than the perplexity slice"
-    return ids[:n_tokens]
+    ids = token_stream(engine.tokenizer, n_tokens, EOS_ID)
+    assert len(ids) == n_tokens, "heldout.txt is shorter than the perplexity slice"
+    return ids
 
 
 def perplexity(engine: Engine, ids: list[int], window: int) -> float:
