@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeprism.errors import ConfigError, UnsupportedModelError
+from edgeprism.errors import BudgetError, ConfigError, UnsupportedModelError
 
 # architectures string in config.json -> internal family name
 ARCHITECTURES: dict[str, str] = {
@@ -184,11 +184,11 @@ class EngineConfig:
     cache_fraction: float | None = None  # test/bench knob: expert cache as a fraction of expert bytes
     gather_limit: int = 256 * 2**20  # decode gathers at most this many bytes of expert weights per layer
     cuda_graphs: bool = True  # replay the decode step as a CUDA graph when all experts are resident
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.vram_gb is not None and not self.vram_gb > 0:
-            raise_budget(self.vram_gb)
+            raise BudgetError(f"vram_gb={self.vram_gb!r}: the VRAM budget must be a positive number of GB "
+                              "(or None to use what the GPU has free).")
         if self.groups < 1:
             raise ConfigError(f"groups={self.groups}: must be ≥ 1 (1 = whole experts).")
         if self.max_context < 1:
@@ -196,9 +196,3 @@ class EngineConfig:
         if self.cache_fraction is not None and not 0 < self.cache_fraction <= 1:
             raise ConfigError(f"cache_fraction={self.cache_fraction}: must be in (0, 1].")
 
-
-def raise_budget(vram_gb: object) -> None:
-    from edgeprism.errors import BudgetError
-
-    raise BudgetError(f"vram_gb={vram_gb!r}: the VRAM budget must be a positive number of GB "
-                      "(or None to use what the GPU has free).")

@@ -27,7 +27,10 @@ class OffloadedExperts:
         self.unit_bytes = cache.store.unit_bytes
         self.gather_limit = gather_limit_bytes
         self.step = 0
-        self.slot_map = self._static_map() if cache.preload_all() else None
+        # static cache (everything resident): where each unit sits, on the host for the unit-by-unit
+        # path and on the device for the sync-free decode path; None when the cache is dynamic
+        self.host_slot_map = self._static_map() if cache.preload_all() else None
+        self.slot_map = self.host_slot_map.to(cache.device) if self.host_slot_map is not None else None
 
     def _static_map(self) -> torch.Tensor:
         store, table = self.cache.store, self.cache.table
@@ -36,8 +39,7 @@ class OffloadedExperts:
             for e in range(store.num_experts):
                 for g in range(self.groups):
                     slot_map[layer, e, g] = table.lookup(SubExpertKey(layer, e, g))
-        self.host_slot_map = slot_map
-        return slot_map.to(self.cache.device)  # [L, E, G]
+        return slot_map  # [L, E, G]
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         # x: [T, D]; ids, weights: [T, k] -> [T, D]
@@ -87,5 +89,5 @@ class OffloadedExperts:
 
     def _slot(self, key: SubExpertKey, layer: int) -> int:
         if self.slot_map is not None:
-            return int(self.host_slot_map[key.layer, key.expert, key.group])
+            return int(self.host_slot_map[key.layer, key.expert, key.group])  # type: ignore[index]
         return self.cache.acquire([key], self.step, layer)[0]
