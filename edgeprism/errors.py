@@ -49,3 +49,7 @@ class CacheFullError(EdgeprismError, RuntimeError):
 
 class GenerationInterrupted(EdgeprismError, RuntimeError):
     """A paused `stream` was superseded by a newer call on the same engine and cannot continue."""
+
+
+class ExpertDtypeError(EdgeprismError, ValueError):
+    """`expert_dtype` is unknown, or the model's shapes do not allow it (int4 group size)."""
