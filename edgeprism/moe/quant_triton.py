@@ -1,0 +1,107 @@
+"""Triton kernels of the quantized grouped decode path: dequantize-and-multiply straight from slots.
+
+Imported only when Triton is installed and a CUDA device is used (`quant.triton_ready`); CPU and CI
+use the torch reference in `quant.py`. Two launches per layer, whatever the number of units:
+
+- `_w13_kernel`: grid (A, Ig / BLOCK_N). Program (a, nb) reads rows nb·BLOCK_N.. of the gate and up
+  matrices of the unit in slot `slots[a]`, dequantizes them in registers and writes
+  silu(gate) · up for token `tokens[a]` to an fp32 workspace act [A, Ig].
+- `_w2_kernel`: grid (A, D / BLOCK_N). Program (a, nb) reads rows of the unit's down matrix and
+  writes weights[a] · (w2 @ act[a]) to y [A, D] (fp32); `index_add_` sums the assignments per token.
+
+Weights are read once, from the pool, in their stored width (1 or ½ byte per weight): no gathered or
+dequantized copy is made. int4 steps K by one quantization group (BLOCK_K = group size) so each row
+needs one scale and one minimum per step: Σ_k (q·s + m)·x_k = s·Σ q·x + m·Σ x. Accumulation is fp32.
+No atomics: results are deterministic for a given launch shape.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from edgeprism.moe.quant import QuantParts
+
+INT8_BLOCK_K = 256
+BLOCK_N_13 = 16
+BLOCK_N_2 = 32
+
+
+@triton.jit
+def _dot_rows(q_base, s_base, m_base, x_row, rows, rows_ok, K: tl.constexpr, GS: tl.constexpr,
+              INT4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 [BLOCK_N]: Σ_k w[rows, k] · x[k] for one quantized matrix [N, K] of one unit."""
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if INT4:
+        NG: tl.constexpr = K // GS
+        HALF: tl.constexpr = BLOCK_K // 2
+        for k0 in range(0, K, BLOCK_K):  # BLOCK_K == GS: one quantization group per step
+            kb = k0 // 2 + tl.arange(0, HALF)  # byte index: k = 2·kb (low nibble), 2·kb + 1 (high)
+            x_even = tl.load(x_row + 2 * kb).to(tl.float32)
+            x_odd = tl.load(x_row + 2 * kb + 1).to(tl.float32)
+            b = tl.load(q_base + rows[:, None] * (K // 2) + kb[None, :], mask=rows_ok[:, None], other=0)
+            qx = tl.sum((b & 15).to(tl.float32) * x_even[None, :] + (b >> 4).to(tl.float32) * x_odd[None, :], 1)
+            s = tl.load(s_base + rows * NG + k0 // GS, mask=rows_ok, other=0).to(tl.float32)
+            m = tl.load(m_base + rows * NG + k0 // GS, mask=rows_ok, other=0).to(tl.float32)
+            acc += s * qx + m * (tl.sum(x_even, 0) + tl.sum(x_odd, 0))
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < K
+            xk = tl.load(x_row + k, mask=k_ok, other=0).to(tl.float32)
+            q = tl.load(q_base + rows[:, None] * K + k[None, :], mask=rows_ok[:, None] & k_ok[None, :], other=0)
+            acc += tl.sum(q.to(tl.float32) * xk[None, :], 1)
+        acc *= tl.load(s_base + rows, mask=rows_ok, other=0).to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _w13_kernel(x_ptr, q_ptr, s_ptr, m_ptr, slots_ptr, tokens_ptr, act_ptr, q_stride, s_stride,
+                D: tl.constexpr, IG: tl.constexpr, GS: tl.constexpr, INT4: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    a = tl.program_id(0)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # gate rows n, up rows IG + n
+    n_ok = n < IG
+    slot = tl.load(slots_ptr + a).to(tl.int64)
+    x_row = x_ptr + tl.load(tokens_ptr + a).to(tl.int64) * D
+    q_base, s_base, m_base = q_ptr + slot * q_stride, s_ptr + slot * s_stride, m_ptr + slot * s_stride
+    gate = _dot_rows(q_base, s_base, m_base, x_row, n, n_ok, D, GS, INT4, BLOCK_N, BLOCK_K)
+    up = _dot_rows(q_base, s_base, m_base, x_row, IG + n, n_ok, D, GS, INT4, BLOCK_N, BLOCK_K)
+    act = gate / (1.0 + tl.exp(-gate)) * up  # silu(gate) · up
+    tl.store(act_ptr + a * IG + n, act, mask=n_ok)
+
+
+@triton.jit
+def _w2_kernel(act_ptr, q_ptr, s_ptr, m_ptr, slots_ptr, weights_ptr, y_ptr, q_stride, s_stride,
+               D: tl.constexpr, IG: tl.constexpr, GS: tl.constexpr, INT4: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    a = tl.program_id(0)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # output features
+    n_ok = n < D
+    slot = tl.load(slots_ptr + a).to(tl.int64)
+    q_base, s_base, m_base = q_ptr + slot * q_stride, s_ptr + slot * s_stride, m_ptr + slot * s_stride
+    y = _dot_rows(q_base, s_base, m_base, act_ptr + a * IG, n, n_ok, IG, GS, INT4, BLOCK_N, BLOCK_K)
+    w = tl.load(weights_ptr + a).to(tl.float32)
+    tl.store(y_ptr + a * D + n, y * w, mask=n_ok)
+
+
+def grouped(x: torch.Tensor, parts: QuantParts, slots: torch.Tensor, tokens: torch.Tensor,
+            weights: torch.Tensor, int4: bool, group_size: int) -> torch.Tensor:
+    """`UnitFormat.grouped` for int8/int4 on CUDA. x: [T, D]; slots, tokens, weights: [A] -> [T, D]."""
+    x = x.contiguous()
+    A, D = slots.numel(), x.shape[1]
+    IG = parts.q2.shape[-1] * (2 if int4 else 1)
+    m13 = parts.m13 if int4 else parts.s13  # unused by the int8 branch; any valid pointer
+    m2 = parts.m2 if int4 else parts.s2
+    block_k = group_size if int4 else INT8_BLOCK_K
+    gs = group_size if int4 else 1
+    act = torch.empty(A, IG, dtype=torch.float32, device=x.device)
+    y = torch.empty(A, D, dtype=torch.float32, device=x.device)
+    _w13_kernel[(A, triton.cdiv(IG, BLOCK_N_13))](
+        x, parts.q13, parts.s13, m13, slots, tokens, act, parts.q13.stride(0), parts.s13.stride(0),
+        D=D, IG=IG, GS=gs, INT4=int4, BLOCK_N=BLOCK_N_13, BLOCK_K=block_k)
+    _w2_kernel[(A, triton.cdiv(D, BLOCK_N_2))](
+        act, parts.q2, parts.s2, m2, slots, weights.reshape(-1), y, parts.q2.stride(0), parts.s2.stride(0),
+        D=D, IG=IG, GS=gs, INT4=int4, BLOCK_N=BLOCK_N_2, BLOCK_K=block_k)
+    return torch.zeros_like(x).index_add_(0, tokens, y.to(x.dtype))
