@@ -26,6 +26,7 @@ from edgeprism.models.decoder import Decoder
 from edgeprism.models.families import adapter_for
 from edgeprism.models.tokenizer import Tokenizer, missing_tokenizer
 from edgeprism.moe.offload import OffloadedExperts
+from edgeprism.moe.quant import make_format
 from edgeprism.runtime.graphs import DecodeStep
 from edgeprism.runtime.memory import GiB, BudgetPlan, free_device_bytes, plan_budget
 from edgeprism.sampling import Sampling, choose
@@ -82,6 +83,7 @@ class Engine:
         if self.spec.moe_intermediate % config.groups:
             raise ConfigError(f"groups={config.groups} does not divide the expert intermediate size "
                               f"{self.spec.moe_intermediate}; pick a divisor so all sub-experts have equal size.")
+        self.format = make_format(config.expert_dtype, self.spec.dim, self.spec.moe_intermediate // config.groups, dtype)
         self.plan = self._plan()
         log.info("%s", self.plan.describe())
         self.tokenizer_or_none = Tokenizer.from_dir(self.path) if self.path is not None else None
@@ -102,12 +104,14 @@ class Engine:
         return plan_budget(self.spec, elem=torch.empty((), dtype=self.dtype).element_size(),
                            groups=self.config.groups, max_context=self.max_context,
                            chunk=self.config.prefill_chunk, gather_limit=self.config.gather_limit,
-                           vram_bytes=vram, cache_fraction=self.config.cache_fraction)
+                           vram_bytes=vram, cache_fraction=self.config.cache_fraction,
+                           unit_bytes=self.format.unit_bytes)
 
     def _host_store(self, progress: Progress | None) -> HostStore:
         spec = self.spec
         store = HostStore(spec.moe_layers, spec.num_experts, self.config.groups, spec.dim, spec.moe_intermediate,
-                          self.dtype, pin=self.config.pin_memory and self.device.type == "cuda")
+                          self.dtype, pin=self.config.pin_memory and self.device.type == "cuda", fmt=self.format,
+                          pack_device=self.device if self.device.type == "cuda" else None)
         done = [0]
 
         def step(nbytes: int) -> None:
@@ -287,6 +291,7 @@ class Engine:
             "cache_slots": self.cache.num_slots, "cache_bytes": self.plan.cache,
             "resident_bytes": self.plan.resident, "kv_cache_bytes": self.plan.kv_cache,
             "unit_bytes": self.plan.unit_bytes, "total_units": self.plan.total_units,
+            "expert_dtype": self.format.name,
             "host_pinned": self.store.pinned, "policy": self.config.policy, "groups": self.config.groups,
         }
 
@@ -358,17 +363,22 @@ def _held_back(text: str, stops: list[str]) -> int:
 def load(model: str | os.PathLike | MemoryCheckpoint | None = None, vram_gb: float | None = None, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, *, policy: str = "lru", groups: int = 1, max_context: int = 4096,
          prefill_chunk: int = 256, pin_memory: bool = True, cache_fraction: float | None = None,
+         expert_dtype: str | torch.dtype | None = None,
          gather_limit: int = 256 * 2**20, cuda_graphs: bool = True, progress: Progress | None = None) -> Engine:
     """Load a Hugging Face MoE checkpoint directory (None = the embedded default model), or an
     in-memory `MemoryCheckpoint`.
 
     `vram_gb` is everything the engine may allocate on the device (weights, KV cache for
     `max_context` tokens, workspace and expert cache); None uses what the device has free.
+    `expert_dtype` is how routed experts are stored and moved: "bf16", "fp16", "fp32", or weight-only
+    "int8" (per output channel) / "int4" (groups of 128 or 64) — 2-4x more units in the cache and
+    2-4x fewer bytes per miss; None = `dtype`. Resident weights always use `dtype`.
     """
     if vram_gb is not None and (isinstance(vram_gb, bool) or not isinstance(vram_gb, (int, float))):
         raise InputError(f"vram_gb={vram_gb!r}: must be a number of GB or None.")
     config = EngineConfig(vram_gb=vram_gb, policy=policy, groups=groups, max_context=max_context,
                           prefill_chunk=prefill_chunk, pin_memory=pin_memory, cache_fraction=cache_fraction,
+                          expert_dtype=expert_dtype,
                           gather_limit=gather_limit, cuda_graphs=cuda_graphs)
     dev = resolve_device(device)
     source = model if isinstance(model, MemoryCheckpoint) else Checkpoint(resolve_model(model))

@@ -183,6 +183,7 @@ class EngineConfig:
     pin_memory: bool = True
     cache_fraction: float | None = None  # test/bench knob: expert cache as a fraction of expert bytes
     gather_limit: int = 256 * 2**20  # decode gathers at most this many bytes of expert weights per layer
+    expert_dtype: str | None = None  # routed experts' storage: bf16/fp16/fp32/int8/int4 (None = dtype)
     cuda_graphs: bool = True  # replay the decode step as a CUDA graph when all experts are resident
 
     def __post_init__(self) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from edgeprism.cache.keys import SubExpertKey
 from edgeprism.errors import HostMemoryError
-from edgeprism.moe.kernels import pack_unit, unit_numel
+from edgeprism.moe.quant import DenseFormat, UnitFormat
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +28,19 @@ class HostStore:
     """All expert units of a model in CPU RAM, filled straight from the checkpoint."""
 
     def __init__(self, layers: Sequence[int], num_experts: int, groups: int, dim: int, inter: int,
-                 dtype: torch.dtype, pin: bool) -> None:
+                 dtype: torch.dtype, pin: bool, fmt: UnitFormat | None = None,
+                 pack_device: torch.device | None = None) -> None:
+        # fmt: how a unit is stored (default: dense in `dtype`); quantized formats are packed on
+        # `pack_device` when given (a GPU quantizes a model's experts far faster than the CPU)
         self.layers, self.num_experts, self.groups = list(layers), num_experts, groups
         self.dim, self.group_inter = dim, inter // groups
-        self.numel = unit_numel(dim, self.group_inter)
-        self.unit_bytes = self.numel * torch.empty((), dtype=dtype).element_size()
+        self.format = fmt or DenseFormat(dim, self.group_inter, dtype, dtype)
+        self.pack_device = pack_device if self.format.quantized else None
+        self.numel = self.format.row_numel
+        self.unit_bytes = self.format.unit_bytes
         self.pinned = False
         self._check_ram()
-        self.arenas = {layer: self._alloc(dtype, pin) for layer in self.layers}
+        self.arenas = {layer: self._alloc(self.format.row_dtype, pin) for layer in self.layers}
 
     @property
     def total_bytes(self) -> int:
@@ -83,6 +88,8 @@ class HostStore:
                 self.fill_expert(layer, expert, w1, w3, w2, perm)
                 if progress is not None:
                     progress(self.groups * self.unit_bytes)
+        if self.pack_device is not None and self.pack_device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the quantizer's scratch back before the cache is allocated
 
     def fill_expert(self, layer: int, expert: int, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
                     perm: torch.Tensor | None = None) -> None:
@@ -91,6 +98,8 @@ class HostStore:
         gi = self.group_inter
         if perm is not None:
             w1, w3, w2 = w1[perm], w3[perm], w2[:, perm]
+        if self.pack_device is not None:
+            w1, w3, w2 = (w.to(self.pack_device) for w in (w1, w3, w2))
         for g in range(self.groups):
             cols = slice(g * gi, (g + 1) * gi)
-            arena[expert * self.groups + g].copy_(pack_unit(w1[cols], w3[cols], w2[:, cols]))
+            arena[expert * self.groups + g].copy_(self.format.pack(w1[cols], w3[cols], w2[:, cols]))

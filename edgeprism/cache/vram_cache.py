@@ -15,7 +15,7 @@ from edgeprism.cache.host_store import HostStore
 from edgeprism.cache.keys import SubExpertKey
 from edgeprism.cache.policies import make_policy
 from edgeprism.cache.slot_table import SlotTable
-from edgeprism.moe.kernels import split_pool
+from edgeprism.moe.quant import DenseParts
 
 
 class ExpertCache:
@@ -25,7 +25,10 @@ class ExpertCache:
         self.store = store
         self.device = device
         self.pool = torch.empty(num_slots, store.numel, dtype=store.arenas[store.layers[0]].dtype, device=device)
-        self.w13, self.w2 = split_pool(self.pool, store.dim, store.group_inter)
+        self.format = store.format  # how units are stored and computed (moe/quant.py)
+        self.parts = self.format.parts(self.pool)
+        # dense views [S, 2Ig, D], [S, D, Ig]; None for quantized formats (use format + parts)
+        self.w13, self.w2 = (self.parts.w13, self.parts.w2) if isinstance(self.parts, DenseParts) else (None, None)
         self.table = SlotTable(num_slots, make_policy(policy))
         self.num_layers = max(store.layers) + 1
         self.bytes_h2d = 0

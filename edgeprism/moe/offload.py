@@ -15,7 +15,6 @@ import torch
 
 from edgeprism.cache.keys import SubExpertKey
 from edgeprism.cache.vram_cache import ExpertCache
-from edgeprism.moe.kernels import grouped_swiglu, swiglu_unit
 
 
 class OffloadedExperts:
@@ -62,14 +61,14 @@ class OffloadedExperts:
     def _static(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         slots = self.slot_map[layer][ids].reshape(-1)  # [T, k, G] -> [A]
         tokens, w = self._expand(x, ids, weights)
-        return grouped_swiglu(x, self.cache.w13, self.cache.w2, slots, tokens, w)
+        return self.cache.format.grouped(x, self.cache.parts, slots, tokens, w)
 
     def _gathered(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         keys = [SubExpertKey(layer, e, g) for row in ids.tolist() for e in row for g in range(self.groups)]
         slots = self.cache.acquire(keys, self.step, layer)
         slot_ids = torch.tensor(slots, dtype=torch.long).to(x.device, non_blocking=True)
         tokens, w = self._expand(x, ids, weights)
-        y = grouped_swiglu(x, self.cache.w13, self.cache.w2, slot_ids, tokens, w)
+        y = self.cache.format.grouped(x, self.cache.parts, slot_ids, tokens, w)
         self.cache.release(keys)  # later copies into these slots queue behind the GEMV on this stream
         return y
 
@@ -81,7 +80,7 @@ class OffloadedExperts:
             for g in range(self.groups):
                 key = SubExpertKey(layer, e, g)
                 slot = self._slot(key, layer)
-                y = swiglu_unit(xe, self.cache.w13[slot], self.cache.w2[slot])
+                y = self.cache.format.unit(xe, self.cache.parts, slot)
                 out.index_add_(0, tokens, (y * we).to(x.dtype))
                 if self.slot_map is None:
                     self.cache.release([key])

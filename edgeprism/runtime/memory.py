@@ -78,12 +78,18 @@ class BudgetPlan:
 
 
 def plan_budget(spec: ModelSpec, *, elem: int, groups: int, max_context: int, chunk: int, gather_limit: int,
-                vram_bytes: int | None, cache_fraction: float | None = None) -> BudgetPlan:
-    """Split `vram_bytes` (None = no limit) into its parts; raise BudgetError if the resident part does not fit."""
+                vram_bytes: int | None, cache_fraction: float | None = None, unit_bytes: int | None = None) -> BudgetPlan:
+    """Split `vram_bytes` (None = no limit) into its parts; raise BudgetError if the resident part does not fit.
+
+    `unit_bytes`: bytes of one stored unit when experts are quantized (moe/quant.py); default: the
+    unit in `elem`-byte weights. Slots are counted in stored units; the gather reserve stays in the
+    compute dtype (the torch path dequantizes a decode step's units).
+    """
     resident = resident_params(spec) * elem
     kv = kv_cache_bytes(spec, max_context, elem)
-    unit = 3 * spec.dim * (spec.moe_intermediate // groups) * elem
-    gather = min(gather_limit, spec.top_k * groups * unit)  # one decode step gathers its k·G units
+    dense_unit = 3 * spec.dim * (spec.moe_intermediate // groups) * elem
+    unit = unit_bytes or dense_unit
+    gather = min(gather_limit, spec.top_k * groups * dense_unit)  # one decode step gathers its k·G units
     work = workspace_bytes(spec, max_context, chunk, elem, 2 * gather)
     total_units = len(spec.moe_layers) * spec.num_experts * groups
     min_slots = spec.top_k * groups  # one decode step of one layer must fit at once
