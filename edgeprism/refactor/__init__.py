@@ -1,0 +1,1 @@
+"""Offline refactoring engine (MoE-Prism phase 1): calibrate -> partition -> artifact."""
