@@ -137,8 +137,9 @@ def set_routing(engine: Any, routing: str) -> None:
 
 
 def load_engine(source: Any, budget: float | None, args: argparse.Namespace, **kw: Any) -> Any:
+    kw.setdefault("cache_fraction", args.cache_fraction)
     engine = edgeprism.load(source, vram_gb=budget, device=args.device, dtype=args.dtype,
-                            max_context=args.context, **kw)
+                            max_context=args.context, expert_dtype=args.expert_dtype, **kw)
     set_routing(engine, args.routing)
     return engine
 
@@ -160,7 +161,8 @@ def run_edgeprism(source: Any, budget: float | None, args: argparse.Namespace, s
     rec.update(system=system, vram_gb=budget, hit_rate=s["hit_rate"], bytes_per_token=s["bytes_h2d"] / rec["tokens"],
                h2d_gbps=(s["bytes_h2d"] / copy_s / 1e9) if copy_s else None, load_s=load_s,
                cache_slots=s["cache_slots"], total_units=s["total_units"], host_pinned=s["host_pinned"],
-               policy=args.policy)
+               policy=args.policy, expert_dtype=s["expert_dtype"], unit_bytes=s["unit_bytes"],
+               cache_fraction=args.cache_fraction)
     if device.type == "cuda":
         rec["peak_vram_gb"] = (torch.cuda.max_memory_allocated(device) - base) / GiB
         if budget is not None:
@@ -280,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="model: the random model's own router; uniform: k distinct experts drawn per token")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bf16")
+    p.add_argument("--expert-dtype", default=None, help="routed experts stored as bf16/fp16/fp32/int8/int4 (default: --dtype)")
+    p.add_argument("--cache-fraction", type=float, default=None,
+                   help="cap the expert cache at this share of all units (emulate a deeper model's share)")
     p.add_argument("--resident-vs-transformers", default=None, choices=sorted(GEOMETRIES),
                    help="also compare edgeprism resident with transformers' generate on this geometry (GPU)")
     p.add_argument("--quick", action="store_true", help="tiny CPU smoke run")
