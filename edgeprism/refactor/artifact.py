@@ -32,7 +32,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from edgeprism.cache.host_store import HostStore
-from edgeprism.cache.keys import SubExpertKey
 from edgeprism.config import ModelSpec
 from edgeprism.errors import ArtifactError
 from edgeprism.moe.gate import UnitGate
@@ -160,6 +159,8 @@ def build_gate(art: Refactored, store: HostStore, moe_layers: list[int], device:
                dtype: torch.dtype) -> UnitGate:
     """The `score` gate of an artifact: core neurons' w1/w3 rows (taken from the already permuted
     host store) and their ||w2 column|| × core scale, on the compute device."""
+    from edgeprism.refactor.calibrate import expert_units
+
     gi, D = store.group_inter, store.dim
     w13: dict[int, torch.Tensor] = {}
     w2n: dict[int, torch.Tensor] = {}
@@ -167,11 +168,11 @@ def build_gate(art: Refactored, store: HostStore, moe_layers: list[int], device:
     for i, layer in enumerate(moe_layers):
         rows13, rows2 = [], []
         for e in range(store.num_experts):
+            units13, units2 = expert_units(store, layer, e)  # [G, 2Ig, D], [G, D, Ig]
             for g in range(store.groups):
-                row, pos = store.unit(SubExpertKey(layer, e, g)).float(), art.core[i, e, g]
-                w1, w3, w2 = row[:gi * D].view(gi, D), row[gi * D:2 * gi * D].view(gi, D), row[2 * gi * D:].view(D, gi)
-                rows13.append(torch.stack((w1[pos], w3[pos]), dim=1))  # [c, 2, D]
-                rows2.append(w2[:, pos].norm(dim=0) * art.core_scale[i, e, g])  # [c]
+                pos = art.core[i, e, g]
+                rows13.append(torch.stack((units13[g, pos], units13[g, gi + pos]), dim=1))  # [c, 2, D]
+                rows2.append(units2[g][:, pos].norm(dim=0) * art.core_scale[i, e, g])  # [c]
         c = art.core.shape[-1]
         w13[layer] = torch.stack(rows13).view(store.num_experts, store.groups, c, 2, D).to(device, dtype)
         w2n[layer] = torch.stack(rows2).view(store.num_experts, store.groups, c).to(device)

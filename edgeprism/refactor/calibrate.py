@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 
 from edgeprism.cache.host_store import HostStore
-from edgeprism.cache.keys import SubExpertKey
 from edgeprism.corpus import CALIB
 from edgeprism.errors import InputError
 from edgeprism.moe.layer import MoEBlock
@@ -57,14 +56,20 @@ def calibration_ids(tokenizer: object, path: Path | None, max_tokens: int, eos_i
     return ids[:max_tokens]
 
 
+def expert_units(store: HostStore, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The expert's G units from the host store, in fp32 whatever the storage format:
+    w13 [G, 2Ig, D] (gate rows then up rows) and w2 [G, D, Ig]."""
+    fmt = store.format
+    rows = torch.arange(expert * store.groups, (expert + 1) * store.groups)
+    w13, w2 = fmt.dequantize(fmt.parts(store.arenas[layer]), rows)
+    return w13.float(), w2.float()
+
+
 def expert_weights(store: HostStore, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(w1 [I, D], w3 [I, D], w2 [D, I]) in fp32, reassembled from the expert's units in the host store."""
-    D, gi = store.dim, store.group_inter
-    parts = []
-    for g in range(store.groups):
-        row = store.unit(SubExpertKey(layer, expert, g)).float()
-        parts.append((row[:gi * D].view(gi, D), row[gi * D:2 * gi * D].view(gi, D), row[2 * gi * D:].view(D, gi)))
-    return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts], 1))
+    w13, w2 = expert_units(store, layer, expert)
+    gi = store.group_inter
+    return w13[:, :gi].reshape(-1, store.dim), w13[:, gi:].reshape(-1, store.dim), torch.cat(list(w2), dim=1)
 
 
 @dataclass

@@ -63,7 +63,7 @@ def check_groups(inter: int, groups: int) -> None:
 
 def objective(coact: np.ndarray, labels: np.ndarray, groups: int) -> float:
     onehot = np.eye(groups)[labels]  # [I, G]
-    return float(np.einsum("ig,ij,jg->", onehot, coact, onehot))
+    return float(((coact @ onehot) * onehot).sum())
 
 
 def partition(stats: NeuronStats, groups: int, method: str, *, seed: int = 0, iters: int = 20000,
@@ -138,24 +138,39 @@ def balanced_kmeans(coact: np.ndarray, groups: int, rng: np.random.Generator, ro
     centers = feats[rng.choice(n, groups, replace=False)]
     labels = np.arange(n) // size
     for _ in range(rounds):
-        dist = _dist(feats, centers)  # [n, G]
-        labels = _capacity_assign(dist, size)
+        new = _capacity_assign(_dist(feats, centers), size)
+        if np.array_equal(new, labels):
+            break
+        labels = new
         centers = np.stack([feats[labels == g].mean(0) for g in range(groups)])
     return labels
 
 
 def _dist(feats: np.ndarray, centers: np.ndarray) -> np.ndarray:
-    return (feats ** 2).sum(1)[:, None] - 2 * feats @ centers.T + (centers ** 2).sum(1)[None]
+    return (feats ** 2).sum(1)[:, None] - 2 * feats @ centers.T + (centers ** 2).sum(1)[None]  # [n, G]
 
 
 def _capacity_assign(dist: np.ndarray, size: int) -> np.ndarray:
+    """Neurons with the clearest preference first, each to its nearest cluster with room left.
+
+    Vectorised sequential greedy: every remaining neuron picks its nearest open cluster; the run
+    up to the first neuron whose pick is already full is exactly what the one-by-one loop does,
+    so it is accepted at once; the full cluster closes and the rest pick again (≤ G+1 rounds).
+    """
     n, groups = dist.shape
-    labels = np.full(n, -1)
+    order = np.argsort(dist.min(1), kind="stable")
+    labels = np.empty(n, dtype=np.int64)
     left = np.full(groups, size)
-    for flat in np.argsort(dist, axis=None, kind="stable"):
-        i, g = divmod(int(flat), groups)
-        if labels[i] < 0 and left[g] > 0:
-            labels[i], left[g] = g, left[g] - 1
+    start = 0
+    while start < n:
+        rest = order[start:]
+        choice = np.argmin(np.where(left > 0, dist[rest], np.inf), axis=1)  # [m]
+        rank = np.cumsum(np.eye(groups, dtype=np.int64)[choice], axis=0)[np.arange(len(rest)), choice]
+        over = rank > left[choice]
+        stop = int(np.argmax(over)) if over.any() else len(rest)
+        labels[rest[:stop]] = choice[:stop]
+        left -= np.bincount(choice[:stop], minlength=groups)
+        start += stop
     return labels
 
 
@@ -226,7 +241,7 @@ def _crossover(coact: np.ndarray, p1: np.ndarray, p2: np.ndarray, groups: int,
     n = len(p1)
     size = n // groups
     onehot = np.eye(groups)[p1]
-    tightness = np.einsum("ig,ij,jg->g", onehot, coact, onehot)
+    tightness = ((coact @ onehot) * onehot).sum(0)  # [G]
     kept = np.argsort(-tightness)[: groups // 2]
     child = np.full(n, -1)
     for new, g in enumerate(kept):
