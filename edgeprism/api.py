@@ -3,7 +3,9 @@
 An `Engine` is loaded once and reused: it owns the device weights, the pinned host store of
 experts and the expert cache. Public calls are serialised by a lock so an app may call it from
 several threads; a `stream` takes the lock per token, so an abandoned stream never blocks the
-next call (it is superseded, and raises `GenerationInterrupted` if resumed).
+next call (it is superseded, and raises `GenerationInterrupted` if resumed). `generate`,
+`TextStream.run` and `submit` hold the lock for the whole generation, so concurrent ones queue;
+any stream can be cancelled from another thread (`streaming.py`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from edgeprism.cache.host_store import HostStore
 from edgeprism.cache.vram_cache import ExpertCache
 from edgeprism.config import EngineConfig
-from edgeprism.errors import ConfigError, GenerationInterrupted, InputError, ModelNotFoundError
+from edgeprism.errors import ConfigError, EngineClosedError, GenerationInterrupted, InputError, ModelNotFoundError
 from edgeprism.models.checkpoint import Checkpoint, MemoryCheckpoint
 from edgeprism.models.decoder import Decoder
 from edgeprism.models.families import adapter_for
@@ -30,6 +32,7 @@ from edgeprism.moe.quant import make_format
 from edgeprism.runtime.graphs import DecodeStep
 from edgeprism.runtime.memory import GiB, BudgetPlan, free_device_bytes, plan_budget
 from edgeprism.sampling import Sampling, choose
+from edgeprism.streaming import Generation, OnToken, TextStream, check_stops
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +171,17 @@ class Engine:
         return ids
 
     # ---- model calls ---------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        """True after `close()`: the weights and caches are gone."""
+        return "model" not in self.__dict__
+
+    def _require_open(self) -> None:
+        if self.closed:
+            raise EngineClosedError("this engine was closed (Engine.close()); load a new one with edgeprism.load().")
+
     def _check_ids(self, input_ids: Any) -> list[int]:
+        self._require_open()
         if not isinstance(input_ids, (list, tuple)) or not all(isinstance(i, int) for i in input_ids):
             raise InputError("input_ids must be a list of ints.")
         if not input_ids:
@@ -260,25 +273,47 @@ class Engine:
             raise InputError("the prompt is empty: give some text to continue.")
         return tok.encode(text)
 
+    def count_tokens(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None) -> int:
+        """Tokens the prompt (or the chat-templated `messages`) takes in the context window."""
+        return len(self._prompt_ids(prompt, messages))
+
     def stream(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
                max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 1.0, top_k: int = 0,
-               seed: int | None = None, stop: list[str] | str | None = None) -> Iterator[str]:
-        """Yield text pieces as they are decoded. Arguments are checked before the first piece."""
+               seed: int | None = None, stop: list[str] | str | None = None,
+               on_token: OnToken | None = None) -> TextStream:
+        """Iterate the text pieces as they are decoded; arguments are checked here, before the first piece.
+
+        The `TextStream` can be cancelled from any thread (`cancel()`), and tells why it ended
+        (`finish_reason`) and how many tokens it used; `on_token(piece)` is called with each piece.
+        """
         ids = self._prompt_ids(prompt, messages)
-        sampling = Sampling(temperature, top_p, top_k, seed)
-        tokens = self._token_iter(ids, max_new_tokens, sampling)
-        return _text_pieces(self.tokenizer, tokens, _stops(stop), self.eos_ids)
+        tokens = self._token_iter(ids, max_new_tokens, Sampling(temperature, top_p, top_k, seed))
+        return TextStream(tokens, self.tokenizer, stops=check_stops(stop), eos=self.eos_ids,
+                          prompt_tokens=len(ids), lock=self._lock, on_token=on_token)
 
     def generate(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
                  max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 1.0, top_k: int = 0,
-                 seed: int | None = None, stop: list[str] | str | None = None) -> str:
+                 seed: int | None = None, stop: list[str] | str | None = None,
+                 on_token: OnToken | None = None) -> str:
         """The continuation of `prompt` (or the assistant's reply to `messages`) as text."""
         with self._lock:
-            return "".join(self.stream(prompt, messages=messages, max_new_tokens=max_new_tokens,
-                                       temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop))
+            return self.stream(prompt, messages=messages, max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_p=top_p, top_k=top_k, seed=seed, stop=stop, on_token=on_token).run().text
+
+    def submit(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
+               on_token: OnToken | None = None, on_done: Callable[[Generation], None] | None = None,
+               **options: Any) -> Generation:
+        """Generate on a background thread and return at once (for GUI event loops).
+
+        `options` are those of `stream`. `on_token` and `on_done` run on the worker thread; the
+        returned `Generation` has `cancel()`, `done()` and `result(timeout)` -> `Completion`.
+        Arguments are checked here, so a bad call raises before any thread starts.
+        """
+        return Generation(self.stream(prompt, messages=messages, on_token=on_token, **options), on_done)
 
     # ---- stats and lifetime -------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
+        self._require_open()
         table, spec = self.cache.table, self.spec
         hits = table.hits
         if self.experts.slot_map is not None:  # static cache: every routed unit is a hit (no counting on the hot path)
@@ -316,48 +351,6 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _stops(stop: list[str] | str | None) -> list[str]:
-    if stop is None:
-        return []
-    stops = [stop] if isinstance(stop, str) else list(stop)
-    if not all(isinstance(s, str) and s for s in stops):
-        raise InputError("stop must be a non-empty string or a list of non-empty strings.")
-    return stops
-
-
-def _text_pieces(tok: Tokenizer, tokens: Iterator[int], stops: list[str], eos: set[int]) -> Iterator[str]:
-    """Incremental detokenisation: emit complete characters only, end before the first stop string.
-
-    Text that could be the start of a stop string is held back until it is known not to be one.
-    """
-    ids: list[int] = []
-    sent = 0  # characters already yielded
-    for t in tokens:
-        if t in eos:
-            break
-        ids.append(t)
-        text = tok.decode(ids)
-        if text.endswith("\ufffd"):
-            continue  # an incomplete UTF-8 sequence: wait for the next token
-        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=None)
-        if cut is not None:
-            if cut > sent:
-                yield text[sent:cut]
-            return
-        safe = len(text) - _held_back(text, stops)
-        if safe > sent:
-            yield text[sent:safe]
-            sent = safe
-    text = tok.decode(ids)
-    if len(text) > sent:
-        yield text[sent:]
-
-
-def _held_back(text: str, stops: list[str]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
-    return max((n for s in stops for n in range(len(s) - 1, 0, -1) if text.endswith(s[:n])), default=0)
 
 
 def load(model: str | os.PathLike | MemoryCheckpoint | None = None, vram_gb: float | None = None, device: str | torch.device | None = None,

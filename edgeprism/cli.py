@@ -1,4 +1,4 @@
-"""The `edgeprism` command: generate, info."""
+"""The `edgeprism` command: generate, serve, info."""
 
 from __future__ import annotations
 
@@ -41,6 +41,15 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--dtype", default="bf16", help="dtype the weights would run in (default bf16)")
     info.add_argument("--max-context", type=int, default=4096)
     info.add_argument("--groups", type=int, default=1, help="sub-experts per expert")
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs: pip install 'edgeprism[server]')")
+    _add_load_args(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--model-id", default=None, help="the name clients pass as `model` (default: the checkpoint "
+                     "directory's name, edgeprism-default for the embedded model)")
+    srv.add_argument("--max-queue", type=int, default=8, help="requests that may wait behind the running one; "
+                     "more get HTTP 429")
     return parser
 
 
@@ -98,11 +107,32 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from edgeprism.server import default_model_id, serve
+    except ImportError as e:
+        if e.name not in ("fastapi", "uvicorn", "starlette", "pydantic"):
+            raise
+        raise EdgeprismError(f"the server needs {e.name}, which is not installed: pip install 'edgeprism[server]'") from e
+    from edgeprism.api import load
+
+    bar, update = _progress_bar()
+    engine = load(args.model, vram_gb=args.vram_gb, device=args.device, dtype=args.dtype, policy=args.policy,
+                  max_context=args.max_context, progress=update)
+    bar.close()
+    with engine:
+        model_id = args.model_id or default_model_id(engine)
+        print(f"edgeprism: serving {model_id!r} on http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", file=sys.stderr)
+        serve(engine, args.host, args.port, model_id=args.model_id, max_queue=args.max_queue,
+              log_level="info" if args.verbose else "warning")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        return {"generate": cmd_generate, "info": cmd_info}[args.command](args)
+        return {"generate": cmd_generate, "info": cmd_info, "serve": cmd_serve}[args.command](args)
     except EdgeprismError as e:
         print(f"edgeprism: error: {e}", file=sys.stderr)
         return 2

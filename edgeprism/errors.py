@@ -51,5 +51,9 @@ class GenerationInterrupted(EdgeprismError, RuntimeError):
     """A paused `stream` was superseded by a newer call on the same engine and cannot continue."""
 
 
+class EngineClosedError(EdgeprismError, RuntimeError):
+    """A call was made on an engine after `Engine.close()`."""
+
+
 class ExpertDtypeError(EdgeprismError, ValueError):
     """`expert_dtype` is unknown, or the model's shapes do not allow it (int4 group size)."""
