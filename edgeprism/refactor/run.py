@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ import torch
 from edgeprism.errors import InputError, OutputError
 from edgeprism.models.checkpoint import Checkpoint
 from edgeprism.refactor import artifact
-from edgeprism.refactor.calibrate import calibrate, calibration_ids
+from edgeprism.refactor.calibrate import LayerStats, calibrate, calibration_ids
 from edgeprism.refactor.partition import METHODS, NeuronStats, Partition, check_groups, partition
 
 log = logging.getLogger(__name__)
@@ -64,21 +64,29 @@ def refactor(model_dir: str | os.PathLike, out: str | os.PathLike, options: Refa
         raise InputError(f"calibration file {str(calib)!r} does not exist; pass a UTF-8 text file "
                          "(or leave --calib out to use the built-in text).")
     engine = load(model_dir, device=device, dtype="fp32", groups=1)
-    eos = spec.eos_token_ids[0] if spec.eos_token_ids else None
-    ids = calibration_ids(engine.tokenizer, Path(calib) if calib is not None else None, options.calib_tokens, eos)
+    try:
+        eos = spec.eos_token_ids[0] if spec.eos_token_ids else None
+        ids = calibration_ids(engine.tokenizer, Path(calib) if calib is not None else None, options.calib_tokens, eos)
+        layers = calibrate(engine, ids, window=options.window, seed=options.seed)
+        tensors, solver = solve_layers(layers, spec.num_experts, len(spec.moe_layers), options, progress)
+        return write_artifact(out, Path(engine.path), options, calib, len(ids), tensors, solver)
+    finally:
+        engine.close()
+
+
+def write_artifact(out: Path, source: Path, options: RefactorOptions, calib: str | os.PathLike | None,
+                   calib_tokens: int, tensors: dict[str, torch.Tensor], solver: dict[str, Any]) -> Path:
+    """Write into a temporary directory next to `out`, then rename it into place (all or nothing)."""
+    _check_out(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        tensors, solver = _solve_all(engine, ids, options, progress)
-        manifest = _manifest(Path(engine.path), out, options, calib, ids, solver)
-        artifact.write(tmp, manifest, tensors)
+        artifact.write(tmp, _manifest(source, out, options, calib, calib_tokens, solver), tensors)
         if out.exists():
             raise OutputError(f"{out} appeared while refactoring; remove it or choose another --out.")
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        engine.close()
     return out
 
 
@@ -101,16 +109,15 @@ def _check_out(out: Path) -> None:
         raise OutputError(f"cannot write into {parent} (permission denied); choose a writable --out.")
 
 
-def _solve_all(engine: Any, ids: list[int], o: RefactorOptions,
-               progress: Progress | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    spec = engine.spec
-    E, L = spec.num_experts, len(spec.moe_layers)
-    total, done = E * L, 0
+def solve_layers(layers: Iterable[LayerStats], num_experts: int, num_layers: int, o: RefactorOptions,
+                 progress: Progress | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Partition every expert of every layer's statistics: the artifact's tensors and a solver summary."""
+    total, done = num_experts * num_layers, 0
     start = time.monotonic()
     results: list[list[tuple[Partition, NeuronStats, float]]] = []
-    for layer_stats in calibrate(engine, ids, window=o.window, seed=o.seed):
+    for layer_stats in layers:
         row = []
-        for e in range(E):
+        for e in range(num_experts):
             stats = layer_stats.expert(e)
             budget = None
             if o.budget_s is not None:
@@ -166,7 +173,7 @@ def _solver_summary(results: list[list[tuple[Partition, NeuronStats, float]]], o
             "seconds": round(seconds, 2)}
 
 
-def _manifest(source: Path, out: Path, o: RefactorOptions, calib: str | os.PathLike | None, ids: list[int],
+def _manifest(source: Path, out: Path, o: RefactorOptions, calib: str | os.PathLike | None, calib_tokens: int,
               solver: dict[str, Any]) -> dict[str, Any]:
     from edgeprism import __version__
     from edgeprism.corpus import CALIB
@@ -179,7 +186,7 @@ def _manifest(source: Path, out: Path, o: RefactorOptions, calib: str | os.PathL
         "groups": o.groups, "method": o.method, "always_on": o.always_on, "dropped": o.dropped,
         "options": asdict(o),
         "calibration": {"file": "builtin:calib.txt" if calib is None else str(calib_path.resolve()),
-                        "sha256": artifact.file_sha256(calib_path), "tokens": len(ids), "window": o.window},
+                        "sha256": artifact.file_sha256(calib_path), "tokens": calib_tokens, "window": o.window},
         "solver": solver,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "edgeprism_version": __version__,
