@@ -27,9 +27,14 @@ from edgeprism.models.checkpoint import Checkpoint, MemoryCheckpoint
 from edgeprism.models.decoder import Decoder
 from edgeprism.models.families import adapter_for
 from edgeprism.models.tokenizer import Tokenizer, missing_tokenizer
+from edgeprism.moe.gate import UnitGate
+from edgeprism.moe.layer import MoEBlock
 from edgeprism.moe.offload import OffloadedExperts
 from edgeprism.moe.quant import make_format
+from edgeprism.refactor.artifact import Refactored, build_gate, is_artifact
+from edgeprism.prefetch.prefetcher import CudaCopies, InlineCopies, Prefetcher
 from edgeprism.runtime.graphs import DecodeStep
+from edgeprism.runtime.layerwise import LayerwiseDecode
 from edgeprism.runtime.memory import GiB, BudgetPlan, free_device_bytes, plan_budget
 from edgeprism.sampling import Sampling, choose
 from edgeprism.streaming import Generation, OnToken, TextStream, check_stops
@@ -78,8 +83,9 @@ class Engine:
     """A loaded model ready to generate. Build it with `edgeprism.load()`."""
 
     def __init__(self, source: Checkpoint | MemoryCheckpoint, config: EngineConfig, device: torch.device,
-                 dtype: torch.dtype, progress: Progress | None = None) -> None:
+                 dtype: torch.dtype, progress: Progress | None = None, refactored: Refactored | None = None) -> None:
         self.config, self.device, self.dtype = config, device, dtype
+        self.refactored = refactored  # a refactor artifact: neuron order and sub-expert gate data
         self.checkpoint, self.path = source, source.path
         self.spec = source.spec
         self.max_context = min(config.max_context, self.spec.max_position)
@@ -92,9 +98,12 @@ class Engine:
         self.tokenizer_or_none = Tokenizer.from_dir(self.path) if self.path is not None else None
         self.store = self._host_store(progress)
         self.cache = ExpertCache(self.store, self.plan.num_slots, device, config.policy)
-        self.experts = OffloadedExperts(self.cache, config.gather_limit)
+        copies = CudaCopies(device) if device.type == "cuda" else InlineCopies()
+        self.fetch = Prefetcher(self.cache, copies)
+        self.experts = OffloadedExperts(self.cache, self.fetch, config.gather_limit)
         self.model = self._build_decoder()
-        self.decode_step = DecodeStep(self.model, device, config.cuda_graphs and self.experts.slot_map is not None)
+        self.gate = self._unit_gate()
+        self.decode_step = self._decode_step()
         self.checkpoint.close()
         self._lock = threading.RLock()
         self._session = 0
@@ -122,8 +131,32 @@ class Engine:
             if progress is not None:
                 progress(done[0], store.total_bytes)
 
-        store.fill(self._read_expert, progress=step)
+        perms = self.refactored.perms(spec.moe_layers) if self.refactored is not None else None
+        store.fill(self._read_expert, perms=perms, progress=step)
         return store
+
+    def _unit_gate(self) -> UnitGate:
+        """The sub-expert gate used when keep < 1: an artifact's core-neuron scorer, else uniform
+        static shares (with G = 1: drop the lowest-weighted experts)."""
+        spec = self.spec
+        if self.refactored is not None:
+            gate = build_gate(self.refactored, self.store, spec.moe_layers, self.device, self.dtype)
+        else:
+            flat = torch.ones(spec.num_experts, self.config.groups, device=self.device)
+            gate = UnitGate(self.config.groups, {layer: flat for layer in spec.moe_layers})
+        for block in self.model.layers:
+            if isinstance(block.ffn, MoEBlock):
+                block.ffn.unit_gate = gate
+        return gate
+
+    def _decode_step(self) -> DecodeStep | LayerwiseDecode:
+        """All experts resident: one graph per token. Dynamic cache: graph segments per MoE layer,
+        with prefetch. Units too large to gather: the plain eager step (unit by unit)."""
+        cfg = self.config
+        if self.experts.slot_map is not None or not self.experts.can_gather(self.spec.top_k):
+            return DecodeStep(self.model, self.device, cfg.cuda_graphs and self.experts.slot_map is not None)
+        return LayerwiseDecode(self.model, self.experts, self.fetch, self.device, cfg.cuda_graphs,
+                               lookahead=cfg.lookahead if cfg.prefetch else 0, predict_experts=cfg.predict_experts)
 
     def _read_expert(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ckpt, spec, ad = self.checkpoint, self.spec, adapter_for(self.spec)
@@ -195,11 +228,15 @@ class Engine:
         return list(input_ids)
 
     @torch.inference_mode()
-    def _run(self, ids: list[int], start: int, last_only: bool) -> torch.Tensor:
-        """Feed `ids` at positions start.. in prefill chunks; logits of every position or the last."""
+    def _run(self, ids: list[int], start: int, last_only: bool, keep: float = 1.0) -> torch.Tensor:
+        """Feed `ids` at positions start.. in prefill chunks; logits of every position or the last.
+
+        keep < 1 runs eagerly through `Decoder.forward` (no CUDA graphs, no layerwise prefetch):
+        the unit gate makes host decisions the graph-captured paths do not know about."""
         self._counts["forward_tokens"] += len(ids)
         self.experts.step = self._counts["forward_tokens"]
-        if len(ids) == 1 and last_only:
+        self.gate.keep = keep
+        if len(ids) == 1 and last_only and keep >= 1.0:
             return self.decode_step(ids[0], start)[-1]
         out: list[torch.Tensor] = []
         chunk = self.config.prefill_chunk
@@ -210,26 +247,26 @@ class Engine:
                 out.append(logits.float().cpu())
         return logits[-1] if last_only else torch.cat(out)
 
-    def logits(self, input_ids: list[int]) -> torch.Tensor:
+    def logits(self, input_ids: list[int], keep: float = 1.0) -> torch.Tensor:
         """[len(input_ids), vocab] float32 logits (CPU) of a fresh full-sequence forward."""
-        ids = self._check_ids(input_ids)
+        ids, keep = self._check_ids(input_ids), check_keep(keep)
         with self._lock:
             self._session += 1
-            return self._run(ids, 0, last_only=False)
+            return self._run(ids, 0, last_only=False, keep=keep)
 
-    def _token_iter(self, ids: list[int], max_new_tokens: int, sampling: Sampling) -> Iterator[int]:
+    def _token_iter(self, ids: list[int], max_new_tokens: int, sampling: Sampling, keep: float = 1.0) -> Iterator[int]:
         """Check the arguments now (not at the first `next`), then return the token generator."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise InputError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer.")
-        return self._tokens(self._check_ids(ids), max_new_tokens, sampling)
+        return self._tokens(self._check_ids(ids), max_new_tokens, sampling, check_keep(keep))
 
-    def _tokens(self, ids: list[int], max_new_tokens: int, sampling: Sampling) -> Iterator[int]:
+    def _tokens(self, ids: list[int], max_new_tokens: int, sampling: Sampling, keep: float = 1.0) -> Iterator[int]:
         """Yield new token ids, taking the lock per token so a paused stream blocks no one."""
         gen, eos = sampling.generator(), self.eos_ids
         with self._lock:
             self._session += 1
             session = self._session
-            logits = self._run(ids, 0, last_only=True)
+            logits = self._run(ids, 0, last_only=True, keep=keep)
             self._counts["prompt_tokens"] += len(ids)
         pos = len(ids)
         tok: int | None = None  # the token fed to the next step (None until the first is sampled)
@@ -242,7 +279,7 @@ class Engine:
                     if pos >= self.max_context:
                         log.warning("context window of %d tokens is full; stopping generation", self.max_context)
                         return
-                    logits = self._run([tok], pos, last_only=True)
+                    logits = self._run([tok], pos, last_only=True, keep=keep)
                     pos += 1
                 tok = choose(logits, sampling, gen)
                 self._counts["tokens"] += 1
@@ -251,16 +288,19 @@ class Engine:
                 return
 
     def generate_ids(self, input_ids: list[int], max_new_tokens: int = 256, temperature: float = 0.0,
-                     top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> list[int]:
-        """New token ids only (the prompt is not repeated); stops at an end-of-sequence token."""
+                     top_p: float = 1.0, top_k: int = 0, seed: int | None = None, keep: float = 1.0) -> list[int]:
+        """New token ids only (the prompt is not repeated); stops at an end-of-sequence token.
+
+        `keep` (here and in every generation call): fraction of the routed sub-experts' mass computed,
+        in (0, 1]; 1 is exact, lower skips the least important sub-experts (fewer expert bytes per token)."""
         sampling = Sampling(temperature, top_p, top_k, seed)
         with self._lock:
-            return list(self._token_iter(input_ids, max_new_tokens, sampling))
+            return list(self._token_iter(input_ids, max_new_tokens, sampling, keep))
 
     def stream_ids(self, input_ids: list[int], max_new_tokens: int = 256, temperature: float = 0.0,
-                   top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> Iterator[int]:
+                   top_p: float = 1.0, top_k: int = 0, seed: int | None = None, keep: float = 1.0) -> Iterator[int]:
         """Yield new token ids one at a time (the id-level `stream`)."""
-        return self._token_iter(input_ids, max_new_tokens, Sampling(temperature, top_p, top_k, seed))
+        return self._token_iter(input_ids, max_new_tokens, Sampling(temperature, top_p, top_k, seed), keep)
 
     def _prompt_ids(self, prompt: str | None, messages: list[dict[str, str]] | None) -> list[int]:
         if (prompt is None) == (messages is None):
@@ -280,25 +320,26 @@ class Engine:
     def stream(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
                max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 1.0, top_k: int = 0,
                seed: int | None = None, stop: list[str] | str | None = None,
-               on_token: OnToken | None = None) -> TextStream:
+               on_token: OnToken | None = None, keep: float = 1.0) -> TextStream:
         """Iterate the text pieces as they are decoded; arguments are checked here, before the first piece.
 
         The `TextStream` can be cancelled from any thread (`cancel()`), and tells why it ended
         (`finish_reason`) and how many tokens it used; `on_token(piece)` is called with each piece.
         """
         ids = self._prompt_ids(prompt, messages)
-        tokens = self._token_iter(ids, max_new_tokens, Sampling(temperature, top_p, top_k, seed))
+        tokens = self._token_iter(ids, max_new_tokens, Sampling(temperature, top_p, top_k, seed), keep)
         return TextStream(tokens, self.tokenizer, stops=check_stops(stop), eos=self.eos_ids,
                           prompt_tokens=len(ids), lock=self._lock, on_token=on_token)
 
     def generate(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
                  max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 1.0, top_k: int = 0,
                  seed: int | None = None, stop: list[str] | str | None = None,
-                 on_token: OnToken | None = None) -> str:
+                 on_token: OnToken | None = None, keep: float = 1.0) -> str:
         """The continuation of `prompt` (or the assistant's reply to `messages`) as text."""
         with self._lock:
             return self.stream(prompt, messages=messages, max_new_tokens=max_new_tokens, temperature=temperature,
-                               top_p=top_p, top_k=top_k, seed=seed, stop=stop, on_token=on_token).run().text
+                               top_p=top_p, top_k=top_k, seed=seed, stop=stop, on_token=on_token,
+                               keep=keep).run().text
 
     def submit(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
                on_token: OnToken | None = None, on_done: Callable[[Generation], None] | None = None,
@@ -318,7 +359,11 @@ class Engine:
         hits = table.hits
         if self.experts.slot_map is not None:  # static cache: every routed unit is a hit (no counting on the hot path)
             hits += self._counts["forward_tokens"] * len(spec.moe_layers) * spec.top_k * self.config.groups
+        routed = self._counts["forward_tokens"] * len(spec.moe_layers) * spec.top_k * self.config.groups
+        dropped = int(self.gate.units_dropped)  # skipped by keep < 1: never copied nor computed
         return {
+            "units_computed": routed - dropped, "units_dropped": dropped,
+            "expert_bytes_computed": (routed - dropped) * self.plan.unit_bytes,
             "hits": hits, "misses": table.misses, "evictions": table.evictions,
             "hit_rate": hits / max(1, hits + table.misses),
             "bytes_h2d": self.cache.bytes_h2d, "copies": self.cache.copies,
@@ -328,19 +373,23 @@ class Engine:
             "unit_bytes": self.plan.unit_bytes, "total_units": self.plan.total_units,
             "expert_dtype": self.format.name,
             "host_pinned": self.store.pinned, "policy": self.config.policy, "groups": self.config.groups,
+            "prefetch": isinstance(self.decode_step, LayerwiseDecode) and self.decode_step.predictor is not None,
+            **self.fetch.summary(),
         }
 
     def reset_stats(self) -> None:
         with self._lock:
             self.cache.table.reset_counters()
             self.cache.reset_copy_stats()
+            self.fetch.reset_stats()
+            self.gate.units_dropped = 0
             self._counts = {"tokens": 0, "prompt_tokens": 0, "forward_tokens": 0}
 
     def close(self) -> None:
         """Free device memory and pinned RAM; the engine cannot be used afterwards."""
         with self._lock:
             self._session += 1
-            for attr in ("decode_step", "model", "experts", "cache", "store"):
+            for attr in ("decode_step", "model", "gate", "experts", "fetch", "cache", "store"):
                 if hasattr(self, attr):
                     delattr(self, attr)
             if self.device.type == "cuda":
@@ -353,11 +402,19 @@ class Engine:
         self.close()
 
 
+def check_keep(keep: Any) -> float:
+    """`keep` must be a number in (0, 1]: the fraction of routed sub-expert mass computed."""
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
+        raise InputError(f"keep={keep!r}: must be a number in (0, 1] (1 = exact, lower = fewer expert bytes).")
+    return float(keep)
+
+
 def load(model: str | os.PathLike | MemoryCheckpoint | None = None, vram_gb: float | None = None, device: str | torch.device | None = None,
-         dtype: str | torch.dtype | None = None, *, policy: str = "lru", groups: int = 1, max_context: int = 4096,
+         dtype: str | torch.dtype | None = None, *, policy: str = "lru", groups: int | None = None, max_context: int = 4096,
          prefill_chunk: int = 256, pin_memory: bool = True, cache_fraction: float | None = None,
          expert_dtype: str | torch.dtype | None = None,
-         gather_limit: int = 256 * 2**20, cuda_graphs: bool = True, progress: Progress | None = None) -> Engine:
+         gather_limit: int = 256 * 2**20, cuda_graphs: bool = True, prefetch: bool = True, lookahead: int = 1,
+         predict_experts: int | None = None, progress: Progress | None = None) -> Engine:
     """Load a Hugging Face MoE checkpoint directory (None = the embedded default model), or an
     in-memory `MemoryCheckpoint`.
 
@@ -366,16 +423,31 @@ def load(model: str | os.PathLike | MemoryCheckpoint | None = None, vram_gb: flo
     `expert_dtype` is how routed experts are stored and moved: "bf16", "fp16", "fp32", or weight-only
     "int8" (per output channel) / "int4" (groups of 128 or 64) — 2-4x more units in the cache and
     2-4x fewer bytes per miss; None = `dtype`. Resident weights always use `dtype`.
+    `model` may also be a refactored-model directory (`edgeprism refactor`): its source checkpoint
+    is loaded with the artifact's neuron groups and sub-expert gate; `groups` then defaults to its G.
+    With a dynamic cache (the experts do not all fit), `prefetch` predicts the experts of the next
+    `lookahead` MoE layers from the current hidden state and copies `predict_experts` of them per
+    layer (default: top_k) on a separate CUDA stream while the current layer computes.
     """
     if vram_gb is not None and (isinstance(vram_gb, bool) or not isinstance(vram_gb, (int, float))):
         raise InputError(f"vram_gb={vram_gb!r}: must be a number of GB or None.")
-    config = EngineConfig(vram_gb=vram_gb, policy=policy, groups=groups, max_context=max_context,
+    refactored = None
+    if not isinstance(model, MemoryCheckpoint) and model is not None and is_artifact(model):
+        refactored = Refactored.open(model)
+        if groups is not None and groups != refactored.groups:
+            raise ConfigError(f"groups={groups} but the refactored model {model} has {refactored.groups} groups; "
+                              "leave groups out (or refactor again with --groups).")
+        groups, model = refactored.groups, refactored.source
+    config = EngineConfig(vram_gb=vram_gb, policy=policy, groups=groups or 1, max_context=max_context,
                           prefill_chunk=prefill_chunk, pin_memory=pin_memory, cache_fraction=cache_fraction,
                           expert_dtype=expert_dtype,
-                          gather_limit=gather_limit, cuda_graphs=cuda_graphs)
+                          gather_limit=gather_limit, cuda_graphs=cuda_graphs, prefetch=prefetch,
+                          lookahead=lookahead, predict_experts=predict_experts)
     dev = resolve_device(device)
     source = model if isinstance(model, MemoryCheckpoint) else Checkpoint(resolve_model(model))
-    return Engine(source, config, dev, resolve_dtype(dtype, dev), progress)
+    if refactored is not None:
+        refactored.check_spec(source.spec)
+    return Engine(source, config, dev, resolve_dtype(dtype, dev), progress, refactored)
 
 
 _engines: dict[tuple[str, float | None], Engine] = {}

@@ -184,7 +184,10 @@ class EngineConfig:
     cache_fraction: float | None = None  # test/bench knob: expert cache as a fraction of expert bytes
     gather_limit: int = 256 * 2**20  # decode gathers at most this many bytes of expert weights per layer
     expert_dtype: str | None = None  # routed experts' storage: bf16/fp16/fp32/int8/int4 (None = dtype)
-    cuda_graphs: bool = True  # replay the decode step as a CUDA graph when all experts are resident
+    cuda_graphs: bool = True  # replay the decode step (or its per-layer segments) as CUDA graphs
+    prefetch: bool = True  # predict the next layers' experts and copy them in ahead of need
+    lookahead: int = 1  # how many MoE layers ahead the predictor looks (1-3)
+    predict_experts: int | None = None  # experts prefetched per target layer (None = top_k)
 
     def __post_init__(self) -> None:
         if self.vram_gb is not None and not self.vram_gb > 0:
@@ -194,6 +197,10 @@ class EngineConfig:
             raise ConfigError(f"groups={self.groups}: must be ≥ 1 (1 = whole experts).")
         if self.max_context < 1:
             raise ConfigError(f"max_context={self.max_context}: must be ≥ 1.")
+        if isinstance(self.lookahead, bool) or not isinstance(self.lookahead, int) or not 1 <= self.lookahead <= 3:
+            raise ConfigError(f"lookahead={self.lookahead!r}: must be 1, 2 or 3 MoE layers.")
+        if self.predict_experts is not None and (not isinstance(self.predict_experts, int) or self.predict_experts < 1):
+            raise ConfigError(f"predict_experts={self.predict_experts!r}: must be a positive integer or None.")
         if self.cache_fraction is not None and not 0 < self.cache_fraction <= 1:
             raise ConfigError(f"cache_fraction={self.cache_fraction}: must be in (0, 1].")
 

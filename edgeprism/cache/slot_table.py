@@ -135,6 +135,19 @@ class SlotTable:
         self.prefetches += 1
         return slot
 
+    def discard(self, key: SubExpertKey) -> bool:
+        """Drop an unpinned `key` from the cache, freeing its slot (a stale prefetch); False if it
+        is pinned or not resident. Counted as an eviction."""
+        slot = self._slot_of.get(key)
+        if slot is None or key in self._pins:
+            return False
+        del self._slot_of[key]
+        self._key_in[slot] = None
+        self._free.append(slot)
+        self.evictions += 1
+        self.policy.on_evict(key)
+        return True
+
     def preload(self, keys: Sequence[SubExpertKey]) -> list[Fill]:
         """Fill free slots at start-up (no eviction, nothing counted); returns what to fill.
 

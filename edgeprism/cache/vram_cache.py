@@ -62,14 +62,17 @@ class ExpertCache:
         if timed:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-        for key, slot, count in _runs(fills, self.store):
+        for key, slot, count in coalesce(fills, self.store):
             src = self.store.units(key.layer, self.store.row(key), count)
             self.pool[slot:slot + count].copy_(src, non_blocking=self.store.pinned)
-            self.bytes_h2d += src.numel() * src.element_size()
-            self.copies += 1
+            self.count_copy(src)
         if timed:
             end.record()
             self._copy_events.append((start, end))
+
+    def count_copy(self, src: torch.Tensor) -> None:
+        self.bytes_h2d += src.numel() * src.element_size()
+        self.copies += 1
 
     def copy_seconds(self) -> float:
         """GPU time spent in timed fills so far (synchronises; benchmarks only)."""
@@ -91,7 +94,7 @@ class ExpertCache:
         return True
 
 
-def _runs(fills: Sequence[tuple[SubExpertKey, int]], store: HostStore) -> list[tuple[SubExpertKey, int, int]]:
+def coalesce(fills: Sequence[tuple[SubExpertKey, int]], store: HostStore) -> list[tuple[SubExpertKey, int, int]]:
     """Group (key, slot) fills into (first key, first slot, count) runs contiguous on both sides."""
     runs: list[tuple[SubExpertKey, int, int]] = []
     for key, slot in sorted(fills, key=lambda f: f[1]):

@@ -125,8 +125,13 @@ class Block(nn.Module):
 
     def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
                mask: torch.Tensor) -> torch.Tensor:
-        h = x + self.attn.decode(self.attn_norm(x), cos, sin, pos, mask)
+        h = self.decode_attn(x, cos, sin, pos, mask)
         return h + self.ffn(self.ffn_norm(h))
+
+    def decode_attn(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+                    mask: torch.Tensor) -> torch.Tensor:
+        """The attention half of `decode`: the residual stream h [1, D] entering the FFN."""
+        return x + self.attn.decode(self.attn_norm(x), cos, sin, pos, mask)
 
 
 class Decoder(nn.Module):
@@ -185,11 +190,16 @@ class Decoder(nn.Module):
         """One token; token, pos: [1] device tensors; attends over the first `length` cache slots
         (masked beyond pos), so shapes depend on `length` only -> capturable in a CUDA graph."""
         x = self.embed(token)  # [1, D]
-        cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)  # [1, hd]
+        cos, sin, mask = self.decode_tables(pos, length)
+        for block in self.layers:
+            x = block.decode(x, cos, sin, pos, mask)
+        return self.lm_head(self.norm(x))  # [1, V]
+
+    def decode_tables(self, pos: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """RoPE rows [1, hd] x2 of device position `pos` [1] and its attention mask [length] bool."""
+        cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)
         k_pos = self.positions[:length]  # [L]
         mask = k_pos <= pos
         if self.spec.sliding_window is not None:
             mask &= k_pos > pos - self.spec.sliding_window
-        for block in self.layers:
-            x = block.decode(x, cos, sin, pos, mask)
-        return self.lm_head(self.norm(x))  # [1, V]
+        return cos, sin, mask

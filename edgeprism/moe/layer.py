@@ -19,10 +19,22 @@ from edgeprism.models.modules import SwiGLU
 
 
 class ExpertProvider(Protocol):
-    """Computes sum_j w[t, j] · expert_{ids[t, j]}(x[t]) for one MoE layer."""
+    """Computes sum_j w[t, j] · expert_{ids[t, j]}(x[t]) for one MoE layer; with `units` [T, k, G]
+    it computes sum_{j,g} units[t, j, g] · unit_g(expert_{ids[t, j]})(x[t]) and skips zero-weight units."""
+
+    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                 units: torch.Tensor | None = None) -> torch.Tensor:
+        # x: [T, D]; ids, weights: [T, k]; units: [T, k, G] or None -> [T, D]
+        ...
+
+
+class UnitGateProtocol(Protocol):
+    """Chooses the routed sub-experts that run when `keep` < 1 (`moe/gate.py`)."""
+
+    keep: float
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        # x: [T, D]; ids, weights: [T, k] -> [T, D]
+        # x: [T, D]; ids, weights: [T, k] -> per-unit weights [T, k, G], 0 = skipped
         ...
 
 
@@ -33,6 +45,7 @@ class MoEBlock(nn.Module):
         self.adapter = adapter_for(spec)
         self.gate = nn.Linear(spec.dim, spec.num_experts, bias=False)
         self.experts = experts
+        self.unit_gate: UnitGateProtocol | None = None  # set by the engine; consulted only when keep < 1
         self.shared: nn.Module | None = None
         if spec.shared_intermediate:
             self.shared = SwiGLU(spec.dim, spec.shared_intermediate)
@@ -40,8 +53,18 @@ class MoEBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, D]
-        weights, ids = self.adapter.route(self.gate(x), self.top_k, self.normalize)  # [T, k] x2
-        y = self.experts(self.layer, x, ids, weights)  # [T, D]
+        weights, ids = self.route(x)  # [T, k] x2
+        if self.unit_gate is not None and self.unit_gate.keep < 1.0:
+            units = self.unit_gate(self.layer, x, ids, weights)  # [T, k, G]
+            return self.combine(x, self.experts(self.layer, x, ids, weights, units))
+        return self.combine(x, self.experts(self.layer, x, ids, weights))
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routing weights and expert ids of each token: [T, k] x2 (the family's exact semantics)."""
+        return self.adapter.route(self.gate(x), self.top_k, self.normalize)
+
+    def combine(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The routed experts' sum y [T, D] plus the shared expert, if the family has one."""
         if self.shared is not None:
             y = y + F.sigmoid(self.shared_gate(x)) * self.shared(x)
         return y

@@ -15,13 +15,17 @@ import torch
 
 from edgeprism.cache.keys import SubExpertKey
 from edgeprism.cache.vram_cache import ExpertCache
+from edgeprism.prefetch.prefetcher import Prefetcher
 
 
 class OffloadedExperts:
-    """`ExpertProvider` over a slot cache; `step` is set by the engine (decode-token counter)."""
+    """`ExpertProvider` over a slot cache; `step` is set by the engine (decode-token counter).
 
-    def __init__(self, cache: ExpertCache, gather_limit_bytes: int) -> None:
-        self.cache = cache
+    Every copy into the cache goes through `fetch` (the prefetcher owns the copy stream).
+    """
+
+    def __init__(self, cache: ExpertCache, fetch: Prefetcher, gather_limit_bytes: int) -> None:
+        self.cache, self.fetch = cache, fetch
         self.groups = cache.store.groups
         self.unit_bytes = cache.store.unit_bytes
         self.gather_limit = gather_limit_bytes
@@ -40,53 +44,80 @@ class OffloadedExperts:
                     slot_map[layer, e, g] = table.lookup(SubExpertKey(layer, e, g))
         return slot_map  # [L, E, G]
 
-    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        # x: [T, D]; ids, weights: [T, k] -> [T, D]
+    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                 units: torch.Tensor | None = None) -> torch.Tensor:
+        # x: [T, D]; ids, weights: [T, k]; units: [T, k, G] per-unit weights (0 = skip) or None -> [T, D]
         # The path depends only on the call's shape, never on the cache state, so that outputs are
         # bit-identical whatever the cache size or policy. A decode step's k·G units always fit.
-        assignments = ids.numel() * self.groups
-        gather = ids.shape[0] == 1 and assignments * self.unit_bytes <= self.gather_limit
-        if not gather:
-            return self._unit_by_unit(layer, x, ids, weights)
+        if not (ids.shape[0] == 1 and self.can_gather(ids.shape[1])):
+            return self._unit_by_unit(layer, x, ids, weights, units)
         if self.slot_map is not None:
-            return self._static(layer, x, ids, weights)
-        return self._gathered(layer, x, ids, weights)
+            return self._static(layer, x, ids, weights, units)
+        return self._gathered(layer, x, ids, weights, units)
 
-    def _expand(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token index and routing weight of each (token, expert, group) assignment: [A] each."""
+    def can_gather(self, k: int) -> bool:
+        """Whether one token's k·G units fit the gather workspace (else they go unit by unit)."""
+        return k * self.groups * self.unit_bytes <= self.gather_limit
+
+    def _expand(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                units: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token index and weight of each (token, expert, group) assignment: [A] each."""
         T, k = ids.shape
         tokens = torch.arange(T, device=x.device).repeat_interleave(k * self.groups)
+        if units is not None:
+            return tokens, units.reshape(-1)
         return tokens, weights.reshape(-1).repeat_interleave(self.groups)
 
-    def _static(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def _static(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                units: torch.Tensor | None = None) -> torch.Tensor:
+        # skipped units are multiplied by 0 here: no host sync, and every unit is resident anyway
         slots = self.slot_map[layer][ids].reshape(-1)  # [T, k, G] -> [A]
-        tokens, w = self._expand(x, ids, weights)
+        tokens, w = self._expand(x, ids, weights, units)
         return self.cache.format.grouped(x, self.cache.parts, slots, tokens, w)
 
-    def _gathered(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def _gathered(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                  units: torch.Tensor | None = None) -> torch.Tensor:
         keys = [SubExpertKey(layer, e, g) for row in ids.tolist() for e in row for g in range(self.groups)]
-        slots = self.cache.acquire(keys, self.step, layer)
+        tokens, w = self._expand(x, ids, weights, units)
+        if units is not None:  # skipped units are neither acquired, copied nor computed
+            live = [i for i, u in enumerate(units.reshape(-1).tolist()) if u != 0]
+            keys, pick = [keys[i] for i in live], torch.tensor(live, dtype=torch.long, device=x.device)
+            tokens, w = tokens[pick], w[pick]
+        slots = self.fetch.acquire(keys, self.step, layer)
         slot_ids = torch.tensor(slots, dtype=torch.long).to(x.device, non_blocking=True)
-        tokens, w = self._expand(x, ids, weights)
         y = self.cache.format.grouped(x, self.cache.parts, slot_ids, tokens, w)
-        self.cache.release(keys)  # later copies into these slots queue behind the GEMV on this stream
+        self.fetch.release(keys)  # later copies into these slots wait for the GEMV (a fence)
         return y
 
-    def _unit_by_unit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def _unit_by_unit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                      units: torch.Tensor | None = None) -> torch.Tensor:
         out = torch.zeros_like(x)
         for e in torch.unique(ids).tolist():
             tokens, pos = torch.nonzero(ids == e, as_tuple=True)  # [n] each
             xe, we = x[tokens], weights[tokens, pos][:, None]  # [n, D], [n, 1]
             for g in range(self.groups):
+                rows, xg, wg = _unit_rows(tokens, pos, xe, we, units, g)
+                if rows.numel() == 0:
+                    continue  # every token skips this unit: not acquired, copied or computed
                 key = SubExpertKey(layer, e, g)
                 slot = self._slot(key, layer)
-                y = self.cache.format.unit(xe, self.cache.parts, slot)
-                out.index_add_(0, tokens, (y * we).to(x.dtype))
+                y = self.cache.format.unit(xg, self.cache.parts, slot)
+                out.index_add_(0, rows, (y * wg).to(x.dtype))
                 if self.slot_map is None:
-                    self.cache.release([key])
+                    self.fetch.release([key])
         return out
 
     def _slot(self, key: SubExpertKey, layer: int) -> int:
         if self.slot_map is not None:
             return int(self.host_slot_map[key.layer, key.expert, key.group])  # type: ignore[index]
-        return self.cache.acquire([key], self.step, layer)[0]
+        return self.fetch.acquire([key], self.step, layer)[0]
+
+
+def _unit_rows(tokens: torch.Tensor, pos: torch.Tensor, xe: torch.Tensor, we: torch.Tensor,
+               units: torch.Tensor | None, g: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tokens of one expert that run its group g, their inputs [n, D] and weights [n, 1]."""
+    if units is None:
+        return tokens, xe, we
+    wg = units[tokens, pos, g]  # [n]
+    live = torch.nonzero(wg).squeeze(-1)
+    return tokens[live], xe[live], wg[live][:, None]

@@ -1,0 +1,266 @@
+"""The one owner of the host→device copy stream and of every event between it and compute.
+
+Copies issued on the compute stream serialise with kernels; on their own stream they overlap them
+almost completely (measured 98% on the H100 box). Moving copies off the compute stream creates three
+cross-stream hazards, and each is closed by an event (a `Ticket`) that the `CopyEngine` provides:
+
+1. read-after-write: compute reads a slot only after the copy that filled it. `acquire` makes the
+   compute stream wait on the slot's pending ticket (a device-side wait; the host never blocks).
+2. write-after-read: a copy overwrites a slot only after the compute that last read it. `release`
+   calls `engine.fence()`, which marks the compute stream's progress; copies issued later first wait
+   for that mark.
+3. write-after-write: a copy into a slot is ordered after an earlier pending copy into the same
+   slot (a slot reused before its prefetch landed): the earlier ticket is passed as `after`.
+
+A wrong prediction costs bandwidth, never correctness: a prefetched unit is an ordinary unpinned
+cache entry, and a unit the current layer uses is pinned, so no prefetch can evict it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from edgeprism.cache.keys import SubExpertKey
+from edgeprism.cache.vram_cache import ExpertCache, coalesce
+
+Ticket = Any  # an engine's handle on one issued copy (a CUDA event, or None once complete)
+
+
+class CopyEngine(Protocol):
+    """Asynchronous host→device copies and their ordering against the compute stream."""
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Sequence[Ticket]) -> Ticket:
+        """Start dst.copy_(src) after the `after` copies and the last `fence`; return its ticket."""
+        ...
+
+    def fence(self) -> None:
+        """Copies issued from now on start only after all compute issued so far."""
+        ...
+
+    def wait(self, tickets: Sequence[Ticket]) -> None:
+        """Compute issued from now on runs only after these copies (the host does not block)."""
+        ...
+
+    def stall_seconds(self) -> float:
+        """Compute-stream time spent waiting in `wait` so far (0 where it cannot be measured)."""
+        ...
+
+    def reset_stall(self) -> None:
+        ...
+
+
+class InlineCopies:
+    """CPU (or no overlap wanted): every copy completes before `copy` returns; nothing to order."""
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Sequence[Ticket]) -> Ticket:
+        dst.copy_(src)
+        return None
+
+    def fence(self) -> None:
+        pass
+
+    def wait(self, tickets: Sequence[Ticket]) -> None:
+        pass
+
+    def stall_seconds(self) -> float:
+        return 0.0
+
+    def reset_stall(self) -> None:
+        pass
+
+
+class CudaCopies:
+    """Copies on a dedicated `h2d` stream; tickets are CUDA events recorded after each copy.
+
+    `wait` brackets the compute stream's event waits with timing events, so the time the compute
+    stream sat idle for copies is measured on the GPU (resolved lazily, never blocking the host).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.h2d = torch.cuda.Stream(device)  # the copy stream
+        self._fence: torch.cuda.Event | None = None  # compute progress copies must wait for (WAR)
+        self._fence_seen: torch.cuda.Event | None = None
+        self._stall_marks: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._stall = 0.0
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Sequence[Ticket]) -> Ticket:
+        with torch.cuda.stream(self.h2d):
+            if self._fence is not None and self._fence is not self._fence_seen:
+                self.h2d.wait_event(self._fence)  # hazard 2: the slot's last reader has finished
+                self._fence_seen = self._fence
+            # hazard 3 needs no wait here: `after` tickets were recorded on this same stream, and a
+            # stream runs its work in issue order
+            dst.copy_(src, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.h2d)
+        return done
+
+    def fence(self) -> None:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        self._fence = event
+
+    def wait(self, tickets: Sequence[Ticket]) -> None:
+        if not tickets:
+            return
+        compute = torch.cuda.current_stream(self.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(compute)
+        for ticket in tickets:
+            compute.wait_event(ticket)  # hazard 1: the copy into this slot has landed
+        end.record(compute)
+        self._stall_marks.append((start, end))
+        if len(self._stall_marks) > 4096:
+            self._resolve(block=False)
+
+    def stall_seconds(self) -> float:
+        self._resolve(block=True)
+        return self._stall
+
+    def reset_stall(self) -> None:
+        self._resolve(block=True)
+        self._stall = 0.0
+
+    def _resolve(self, block: bool) -> None:
+        pending = []
+        for start, end in self._stall_marks:
+            if block:
+                end.synchronize()
+            if end.query():
+                self._stall += start.elapsed_time(end) / 1e3
+            else:
+                pending.append((start, end))
+        self._stall_marks = pending
+
+
+@dataclass
+class PrefetchStats:
+    """What prediction and prefetching achieved; per-layer lists are indexed by layer."""
+
+    predicted: list[int]  # predicted units (resident or not) for each target layer
+    routed: list[int]  # routed units at layers that had a prediction
+    correct: list[int]  # predicted units that were routed
+    bytes_used: int = 0  # prefetched bytes that their target layer used
+    bytes_wasted: int = 0  # prefetched bytes their target layer did not use
+    units_prefetched: int = 0
+
+    @classmethod
+    def empty(cls, num_layers: int) -> "PrefetchStats":
+        return cls([0] * num_layers, [0] * num_layers, [0] * num_layers)
+
+
+class Prefetcher:
+    """Fetches units into the expert cache on demand (`acquire`) or ahead of need (`prefetch`).
+
+    Every copy into the slot pool goes through here, so the slot → pending-copy map is complete.
+    """
+
+    def __init__(self, cache: ExpertCache, engine: CopyEngine) -> None:
+        self.cache, self.engine = cache, engine
+        self.table, self.store = cache.table, cache.store
+        self.num_layers = cache.num_layers
+        self._pending: dict[int, Ticket] = {}  # slot -> ticket of the last copy into it not yet waited on
+        self._predicted: dict[int, set[SubExpertKey]] = {}  # target layer -> predicted units
+        self._inflight: dict[int, set[SubExpertKey]] = {}  # target layer -> units placed by prefetch
+        self.stats = PrefetchStats.empty(self.num_layers)
+
+    # ----- demand path -----
+
+    def acquire(self, keys: Sequence[SubExpertKey], step: int, layer: int) -> list[int]:
+        """Pin `keys` in slots (copying the missing ones) and make compute wait for their copies."""
+        self._settle(layer, keys)
+        slots, fills = self.table.acquire(keys, step, layer, self.num_layers)
+        self._issue(fills)
+        self.engine.wait(self._take_tickets(slots))
+        return slots
+
+    def release(self, keys: Sequence[SubExpertKey]) -> None:
+        """Unpin after the compute reading these slots has been issued (not necessarily run)."""
+        self.table.release(keys)
+        self.engine.fence()
+
+    def drain(self) -> None:
+        """Make compute wait for every pending copy (before work that bypasses `acquire`)."""
+        self.engine.wait(self._take_tickets(list(self._pending)))
+
+    # ----- ahead of need -----
+
+    def prefetch(self, layer: int, keys: Iterable[SubExpertKey], step: int, current_layer: int) -> int:
+        """Start copying `keys` (all of target `layer`) into free or evictable slots; returns the
+        number of copies started. Resident keys cost nothing; if every slot is pinned, the rest
+        are skipped (a prefetch is a hint)."""
+        keys = list(dict.fromkeys(keys))
+        self._predicted.setdefault(layer, set()).update(keys)
+        fills = []
+        for key in keys:
+            slot = self.table.insert_prefetched(key, step, current_layer, self.num_layers)
+            if slot is not None:
+                fills.append((key, slot))
+                self._inflight.setdefault(layer, set()).add(key)
+        self._issue(fills)
+        self.stats.units_prefetched += len(fills)
+        return len(fills)
+
+    # ----- internals -----
+
+    def _settle(self, layer: int, keys: Sequence[SubExpertKey]) -> None:
+        """Score the prediction made for `layer` against what it routes, and drop stale prefetches.
+
+        A prefetched unit its layer did not use is stale: it is discarded from the cache (its slot
+        freed), so it cannot push out a unit that was actually used.
+        """
+        predicted = self._predicted.pop(layer, None)
+        placed = self._inflight.pop(layer, set())
+        if predicted is None:
+            return
+        routed = set(keys)
+        s = self.stats
+        s.predicted[layer] += len(predicted)
+        s.routed[layer] += len(routed)
+        s.correct[layer] += len(predicted & routed)
+        used = placed & routed
+        s.bytes_used += len(used) * self.store.unit_bytes
+        s.bytes_wasted += len(placed - used) * self.store.unit_bytes
+        for key in placed - used:
+            self.table.discard(key)
+
+    def _issue(self, fills: Sequence[tuple[SubExpertKey, int]]) -> None:
+        for key, slot, count in coalesce(fills, self.store):
+            after = [self._pending[s] for s in range(slot, slot + count) if s in self._pending]
+            src = self.store.units(key.layer, self.store.row(key), count)
+            ticket = self.engine.copy(self.cache.pool[slot:slot + count], src, after)
+            for s in range(slot, slot + count):
+                self._pending[s] = ticket
+            self.cache.count_copy(src)
+
+    def _take_tickets(self, slots: Iterable[int]) -> list[Ticket]:
+        tickets: dict[int, Ticket] = {}
+        for slot in set(slots):
+            ticket = self._pending.pop(slot, None)
+            if ticket is not None:
+                tickets[id(ticket)] = ticket
+        # a ticket shared with slots not waited on stays pending there (waiting twice is harmless)
+        return list(tickets.values())
+
+    def summary(self) -> dict[str, Any]:
+        s = self.stats
+        routed, predicted, correct = sum(s.routed), sum(s.predicted), sum(s.correct)
+        layers = [i for i in range(self.num_layers) if s.routed[i]]
+        return {
+            "prefetch_recall": correct / routed if routed else None,
+            "prefetch_precision": correct / predicted if predicted else None,
+            "prefetch_recall_per_layer": {i: s.correct[i] / s.routed[i] for i in layers},
+            "prefetch_precision_per_layer": {i: s.correct[i] / max(1, s.predicted[i]) for i in layers},
+            "prefetch_units": s.units_prefetched,
+            "prefetch_bytes_used": s.bytes_used, "prefetch_bytes_wasted": s.bytes_wasted,
+            "stall_s": self.engine.stall_seconds(),
+        }
+
+    def reset_stats(self) -> None:
+        self.stats = PrefetchStats.empty(self.num_layers)
+        self.engine.reset_stall()

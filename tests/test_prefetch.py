@@ -1,0 +1,186 @@
+"""Prefetch changes when bytes move, never what is computed.
+
+The ordering logic is tested with fake copy engines: copies that land late and out of order (only
+the orderings the prefetcher declares are honoured), and copies that never land unless waited on.
+A prefetcher that forgot a wait would read stale slots and change the outputs.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import edgeprism
+from conftest import VARIANTS
+from edgeprism.cache.keys import SubExpertKey
+from edgeprism.errors import ConfigError
+from edgeprism.runtime.layerwise import LayerwiseDecode
+
+NAMES = [v.name for v in VARIANTS]
+IDS = [5, 17, 99, 3, 42, 8, 77, 120, 61, 2, 33, 14]
+
+
+class Pending:
+    """One queued copy of the fake engine."""
+
+    def __init__(self, dst: torch.Tensor, src: torch.Tensor, after: list["Pending"]) -> None:
+        self.dst, self.src, self.after, self.done = dst, src, list(after), False
+
+
+class FakeCopies:
+    """A copy engine whose copies complete late: at random points (`shuffle`) in random order,
+    or only when compute waits on them (`lazy`). Declared `after` orderings are honoured; nothing
+    else is. Compute on the CPU is synchronous, so `fence` has nothing to order."""
+
+    def __init__(self, seed: int, lazy: bool = False) -> None:
+        self.rng, self.lazy = random.Random(seed), lazy
+        self.queue: list[Pending] = []
+        self.completed = self.waited = 0
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: list[Pending]) -> Pending:
+        ticket = Pending(dst, src, after)
+        self.queue.append(ticket)
+        self._progress()
+        return ticket
+
+    def fence(self) -> None:
+        self._progress()
+
+    def wait(self, tickets: list[Pending]) -> None:
+        for t in tickets:
+            self.waited += 1
+            self._complete(t)
+
+    def stall_seconds(self) -> float:
+        return 0.0
+
+    def reset_stall(self) -> None:
+        pass
+
+    def flush(self) -> None:
+        """Land every queued copy, latest first (the worst order the declared orderings allow)."""
+        while self.queue:
+            self._complete(self.queue[-1])
+
+    def _complete(self, t: Pending) -> None:
+        if t.done:
+            return
+        for earlier in t.after:
+            self._complete(earlier)
+        t.dst.copy_(t.src)
+        t.done = True
+        self.queue.remove(t)
+        self.completed += 1
+
+    def _progress(self) -> None:
+        if self.lazy or not self.queue:
+            return
+        for t in self.rng.sample(self.queue, k=self.rng.randint(0, len(self.queue))):
+            self._complete(t)
+
+
+def load_cpu(path, **kw):
+    return edgeprism.load(path, device="cpu", dtype="fp32", prefill_chunk=4, **kw)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoints):
+    """Prefetch off, inline copies: logits and greedy tokens per variant."""
+    out = {}
+    for name, path in checkpoints.items():
+        eng = load_cpu(path, cache_fraction=0.25, prefetch=False)
+        out[name] = (eng.logits(IDS), eng.generate_ids(IDS, max_new_tokens=24))
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("fraction,lookahead", [(0.1, 1), (0.25, 2), (0.6, 1)])
+def test_prefetch_on_gives_the_same_outputs(checkpoints, reference, name, fraction, lookahead):
+    eng = load_cpu(checkpoints[name], cache_fraction=fraction, lookahead=lookahead)
+    assert isinstance(eng.decode_step, LayerwiseDecode) and eng.decode_step.predictor is not None
+    logits, tokens = reference[name]
+    assert torch.equal(eng.logits(IDS), logits)
+    assert eng.generate_ids(IDS, max_new_tokens=24) == tokens
+    s = eng.stats()
+    assert s["prefetch"] and s["prefetch_recall"] is not None and 0 <= s["prefetch_recall"] <= 1
+    eng.cache.table.check_invariants()
+
+
+@pytest.mark.parametrize("name", ["mixtral-gqa", "qwen2moe-shared-tied", "qwen3moe-nonorm-sharded", "olmoe"])
+@pytest.mark.parametrize("lazy", [False, True])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_late_and_reordered_copies_change_nothing(checkpoints, reference, name, lazy, groups):
+    eng = load_cpu(checkpoints[name], cache_fraction=0.2, groups=groups, lookahead=2)
+    fake = FakeCopies(seed=groups, lazy=lazy)
+    eng.fetch.engine = fake
+    logits, tokens = reference[name]
+    assert eng.generate_ids(IDS, max_new_tokens=24) == tokens
+    torch.testing.assert_close(eng.logits(IDS), logits, atol=1e-5, rtol=1e-5)  # groups=2 sums in another order
+    assert fake.completed > 0 and fake.waited > 0
+    assert eng.stats()["prefetch_units"] > 0
+    eng.cache.table.check_invariants()
+
+
+def test_a_missing_wait_is_caught(checkpoints, reference):
+    """The fake engine has teeth: a prefetcher that skips the read-after-write wait goes wrong."""
+    eng = load_cpu(checkpoints["olmoe"], cache_fraction=0.2)
+    eng.fetch.engine = FakeCopies(seed=0, lazy=True)
+    eng.fetch._take_tickets = lambda slots: []  # the bug: compute never waits for copies
+    logits, _ = reference["olmoe"]
+    assert not torch.equal(eng.logits(IDS), logits)
+
+
+def test_write_after_write_is_ordered(checkpoints):
+    """A slot refilled while its previous copy is still queued gets the later unit's weights."""
+    eng = load_cpu(checkpoints["olmoe"], cache_fraction=0.2)
+    fake = FakeCopies(seed=0, lazy=True)
+    fetch = eng.fetch
+    fetch.engine = fake
+    a, b = SubExpertKey(0, 0, 0), SubExpertKey(0, 1, 0)
+    assert fetch.prefetch(0, [a], step=1, current_layer=0) == 1
+    slot = fetch.table.lookup(a)
+    fetch.table.discard(a)  # a stale prefetch dropped before its copy landed
+    assert fetch.prefetch(0, [b], step=1, current_layer=0) == 1
+    assert fetch.table.lookup(b) == slot
+    fetch.drain()
+    fake.flush()
+    assert torch.equal(eng.cache.pool[slot], eng.store.unit(b))
+
+
+def test_prefetch_never_evicts_a_pinned_unit(checkpoints):
+    eng = load_cpu(checkpoints["olmoe"], cache_fraction=0.2, lookahead=1)
+    fetch, table = eng.fetch, eng.cache.table
+    pinned = [SubExpertKey(0, e, 0) for e in range(min(2, eng.spec.num_experts))]
+    fetch.acquire(pinned, step=1, layer=0)
+    others = [SubExpertKey(layer, e, 0) for layer in eng.spec.moe_layers for e in range(eng.spec.num_experts)]
+    fetch.prefetch(1, others, step=1, current_layer=0)
+    for key in pinned:
+        assert table.lookup(key) is not None and table.is_pinned(key)
+    fetch.release(pinned)
+    table.check_invariants()
+
+
+def test_stale_prefetches_are_dropped_and_counted(checkpoints):
+    eng = load_cpu(checkpoints["olmoe"], cache_fraction=0.5)
+    fetch, unit = eng.fetch, eng.store.unit_bytes
+    right, wrong = SubExpertKey(1, 0, 0), SubExpertKey(1, 1, 0)
+    fetch.prefetch(1, [right, wrong], step=1, current_layer=0)
+    slots = fetch.acquire([right], step=1, layer=1)
+    fetch.release([right])
+    assert eng.cache.table.lookup(wrong) is None  # stale: discarded at its layer
+    assert eng.cache.table.lookup(right) == slots[0]
+    s = fetch.summary()
+    assert s["prefetch_bytes_used"] == unit and s["prefetch_bytes_wasted"] == unit
+    assert s["prefetch_recall"] == 1.0 and s["prefetch_precision"] == 0.5
+
+
+def test_prefetch_off_and_bad_lookahead(checkpoints):
+    eng = load_cpu(checkpoints["olmoe"], cache_fraction=0.25, prefetch=False)
+    eng.generate_ids(IDS, max_new_tokens=4)
+    s = eng.stats()
+    assert not s["prefetch"] and s["prefetch_units"] == 0 and s["prefetch_recall"] is None
+    for bad in (0, 4, 1.5, True):
+        with pytest.raises(ConfigError, match="lookahead"):
+            load_cpu(checkpoints["olmoe"], lookahead=bad)
