@@ -1,4 +1,4 @@
-"""The `edgeprism` command: generate, serve, info."""
+"""The `edgeprism` command: generate, serve, info, refactor."""
 
 from __future__ import annotations
 
@@ -50,6 +50,23 @@ def _parser() -> argparse.ArgumentParser:
                      "directory's name, edgeprism-default for the embedded model)")
     srv.add_argument("--max-queue", type=int, default=8, help="requests that may wait behind the running one; "
                      "more get HTTP 429")
+
+    ref = sub.add_parser("refactor", help="split experts into functional sub-experts (offline, no retraining)")
+    ref.add_argument("model", help="Hugging Face MoE checkpoint directory")
+    ref.add_argument("--out", required=True, help="artifact directory to create (must not exist)")
+    ref.add_argument("--groups", type=int, required=True, help="sub-experts per expert; must divide the "
+                     "expert intermediate size (an error lists the divisors otherwise)")
+    ref.add_argument("--method", default="anneal", choices=["anneal", "genetic", "contiguous", "random", "topbottom"])
+    ref.add_argument("--calib", default=None, help="calibration text file (default: the built-in text)")
+    ref.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens to use")
+    ref.add_argument("--seed", type=int, default=0)
+    ref.add_argument("--iters", type=int, default=20000, help="solver swap proposals per expert (deterministic)")
+    ref.add_argument("--budget-s", type=float, default=None, help="wall-clock cap on the solver (stops early)")
+    ref.add_argument("--always-on", action="store_true", help="group 0 = the most frequently active neurons")
+    ref.add_argument("--drop-group", action="store_true", help="group G-1 = the least active neurons, "
+                     "skipped whenever keep < 1")
+    ref.add_argument("--split", type=float, default=0.5, help="topbottom: fraction of neurons in the top segment")
+    ref.add_argument("--device", default="cpu", help="device that runs the calibration text (default cpu)")
     return parser
 
 
@@ -107,6 +124,28 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_refactor(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from edgeprism.refactor.run import RefactorOptions, refactor
+
+    options = RefactorOptions(groups=args.groups, method=args.method, seed=args.seed, iters=args.iters,
+                              budget_s=args.budget_s, always_on=args.always_on, dropped=args.drop_group,
+                              split=args.split, calib_tokens=args.calib_tokens)
+    bar = tqdm(total=0, unit="expert", desc=f"refactor ({args.method})", file=sys.stderr)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        out = refactor(args.model, args.out, options, calib=args.calib, device=args.device, progress=update)
+    finally:
+        bar.close()
+    print(f"wrote {out}; load it with edgeprism.load({str(out)!r}) or --model {out}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from edgeprism.server import default_model_id, serve
@@ -132,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        return {"generate": cmd_generate, "info": cmd_info, "serve": cmd_serve}[args.command](args)
+        return {"generate": cmd_generate, "info": cmd_info, "refactor": cmd_refactor, "serve": cmd_serve}[args.command](args)
     except EdgeprismError as e:
         print(f"edgeprism: error: {e}", file=sys.stderr)
         return 2

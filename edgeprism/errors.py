@@ -51,6 +51,14 @@ class GenerationInterrupted(EdgeprismError, RuntimeError):
     """A paused `stream` was superseded by a newer call on the same engine and cannot continue."""
 
 
+class ArtifactError(EdgeprismError, ValueError):
+    """A refactored-model artifact is unreadable, of another version, or does not match its source."""
+
+
+class OutputError(EdgeprismError, OSError):
+    """An output directory cannot be created or written (exists already, not writable)."""
+
+
 class EngineClosedError(EdgeprismError, RuntimeError):
     """A call was made on an engine after `Engine.close()`."""
 
