@@ -16,6 +16,8 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vram-gb", type=float, default=None, help="device memory budget in GB (default: what is free)")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--expert-dtype", default=None,
+                   help="routed experts stored as bf16, fp16, fp32, int8 or int4 (default: --dtype)")
     p.add_argument("--policy", default="lru", help="expert cache policy: lru, lfu or activation")
     p.add_argument("--max-context", type=int, default=4096, help="tokens of context to reserve KV cache for")
 
@@ -41,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--dtype", default="bf16", help="dtype the weights would run in (default bf16)")
     info.add_argument("--max-context", type=int, default=4096)
     info.add_argument("--groups", type=int, default=1, help="sub-experts per expert")
+    info.add_argument("--expert-dtype", default=None, help="routed experts as bf16, fp16, fp32, int8 or int4")
 
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs: pip install 'edgeprism[server]')")
     _add_load_args(srv)
@@ -87,7 +90,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     bar, update = _progress_bar()
     engine = load(args.model, vram_gb=args.vram_gb, device=args.device, dtype=args.dtype, policy=args.policy,
-                  max_context=args.max_context, progress=update)
+                  expert_dtype=args.expert_dtype, max_context=args.max_context, progress=update)
     bar.close()
     for piece in engine.stream(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                top_p=args.top_p, top_k=args.top_k, seed=args.seed):
@@ -103,6 +106,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from edgeprism.api import resolve_dtype, resolve_model
     from edgeprism.models.checkpoint import Checkpoint
+    from edgeprism.moe.quant import make_format
     from edgeprism.runtime.memory import GiB, plan_budget, resident_params
 
     ckpt = Checkpoint(resolve_model(args.model))
@@ -117,9 +121,11 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"+ {resident / 1e9:.3f} B resident")
     print(f"bytes ({args.dtype}): experts {experts * elem / GiB:.3f} GiB, rest {resident * elem / GiB:.3f} GiB")
     print(f"context:      {spec.max_position} tokens (model), {context} reserved")
+    dtype = resolve_dtype(args.dtype, torch.device("cpu"))
+    unit_bytes = make_format(args.expert_dtype, spec.dim, spec.moe_intermediate // args.groups, dtype).unit_bytes
     if args.vram_gb is not None:
         plan = plan_budget(spec, elem=elem, groups=args.groups, max_context=context, chunk=256,
-                           gather_limit=256 * 2**20, vram_bytes=int(args.vram_gb * GiB))
+                           gather_limit=256 * 2**20, vram_bytes=int(args.vram_gb * GiB), unit_bytes=unit_bytes)
         print(f"split:        {plan.describe()}")
     return 0
 
@@ -157,7 +163,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     bar, update = _progress_bar()
     engine = load(args.model, vram_gb=args.vram_gb, device=args.device, dtype=args.dtype, policy=args.policy,
-                  max_context=args.max_context, progress=update)
+                  expert_dtype=args.expert_dtype, max_context=args.max_context, progress=update)
     bar.close()
     with engine:
         model_id = args.model_id or default_model_id(engine)
