@@ -100,6 +100,21 @@ def test_bad_group_counts(stats, groups, match):
         partition(stats, groups, "anneal")
 
 
+def test_sampled_coactivation_tracks_the_exact_one(engines):
+    """Above the memory cap C comes from a reservoir sample of tokens: same statistics, bounded memory."""
+    from edgeprism.refactor.calibrate import calibrate, calibration_ids
+
+    eng = engines[0]
+    ids = calibration_ids(eng.tokenizer, None, 512, 0)
+    exact = next(calibrate(eng, ids))  # layer 0 only
+    sampled = next(calibrate(eng, ids, coact_bytes=1))  # a 64-token reservoir per expert
+    e = max(range(8), key=lambda i: exact.experts[i].tokens)
+    a, b = exact.expert(e), sampled.expert(e)
+    assert a.tokens == b.tokens > 64 and len(sampled.experts[e].sample) == 64
+    assert np.allclose(a.importance, b.importance) and np.allclose(a.frequency, b.frequency)
+    assert np.corrcoef(a.coact.ravel(), b.coact.ravel())[0, 1] > 0.8
+
+
 # ---- artifact and equivalence -------------------------------------------------------------------
 
 

@@ -100,18 +100,15 @@ class _ExpertAccumulator:
         self.tokens += c.shape[0]
 
     def _reservoir(self, rows: np.ndarray) -> None:
-        """Algorithm R over rows: every token seen so far is in the sample with equal probability."""
+        """Algorithm R: every token seen so far is in the sample with equal probability."""
         assert self.sample_rows is not None
-        for r in rows:
-            seen = self.tokens + 1
-            self.tokens = seen
+        for seen, r in enumerate(rows, start=self.tokens + 1):  # seen: tokens so far, r included
             if len(self.sample) < self.sample_rows:
                 self.sample.append(r)
-            else:
-                slot = int(self.rng.integers(0, seen))
-                if slot < self.sample_rows:
-                    self.sample[slot] = r
-        self.tokens -= len(rows)  # add() counts the tokens once, after this
+                continue
+            slot = int(self.rng.integers(0, seen))
+            if slot < self.sample_rows:
+                self.sample[slot] = r
 
     def stats(self) -> NeuronStats:
         n = max(1, self.tokens)
