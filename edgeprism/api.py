@@ -438,7 +438,7 @@ def load(model: str | os.PathLike | MemoryCheckpoint | None = None, vram_gb: flo
             raise ConfigError(f"groups={groups} but the refactored model {model} has {refactored.groups} groups; "
                               "leave groups out (or refactor again with --groups).")
         groups, model = refactored.groups, refactored.source
-    config = EngineConfig(vram_gb=vram_gb, policy=policy, groups=groups or 1, max_context=max_context,
+    config = EngineConfig(vram_gb=vram_gb, policy=policy, groups=1 if groups is None else groups, max_context=max_context,
                           prefill_chunk=prefill_chunk, pin_memory=pin_memory, cache_fraction=cache_fraction,
                           expert_dtype=expert_dtype,
                           gather_limit=gather_limit, cuda_graphs=cuda_graphs, prefetch=prefetch,
