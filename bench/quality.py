@@ -238,8 +238,8 @@ def readme_section(folder: Path) -> str:
     meta = data["meta"]
     return "\n".join([
         f"### {folder.name}", "",
-        f"{meta['device']}, {meta['date']}; full-model perplexity {meta['full_ppl']:.3f}; "
-        f"points closer than {meta['distinct']:.0%} of full bytes count once  ",
+        (f"{meta['device']}, {meta['date']}; full-model perplexity {meta['full_ppl']:.3f}; "
+         f"points closer than {meta['distinct']:.0%} of full bytes count once  "),
         f"command: `{meta['command']}`", "",
         f"![perplexity vs expert bytes]({(folder / 'ppl_vs_bytes.png').relative_to(HERE)})", "",
         table(data["summary"])])

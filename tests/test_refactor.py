@@ -18,10 +18,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import VARIANTS
 
 import edgeprism
-from conftest import VARIANTS
-from edgeprism.errors import ArtifactError, ConfigError, InputError, OutputError, UnsupportedModelError
+from edgeprism.errors import (
+    ArtifactError,
+    ConfigError,
+    InputError,
+    OutputError,
+    UnsupportedModelError,
+)
 from edgeprism.refactor import artifact
 from edgeprism.refactor.partition import METHODS, NeuronStats, partition
 from edgeprism.refactor.run import RefactorOptions, refactor
@@ -277,6 +283,6 @@ def test_failure_midway_leaves_no_partial_artifact(tmp_path):
 
 def test_cli_refactor_errors(tmp_path):
     cmd = [sys.executable, "-m", "edgeprism.cli", "refactor", str(MODEL), "--out", str(tmp_path / "o"), "--groups", "500"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "larger than the expert intermediate size 384" in done.stderr
     assert list(tmp_path.iterdir()) == []

@@ -102,7 +102,7 @@ class Refactored:
         return {(layer, e): self.perm[i, e] for i, layer in enumerate(moe_layers) for e in range(self.perm.shape[1])}
 
     @classmethod
-    def open(cls, path: str | os.PathLike, check_source: bool = True) -> "Refactored":
+    def open(cls, path: str | os.PathLike, check_source: bool = True) -> Refactored:
         path = Path(path)
         manifest = _read_manifest(path)
         try:

@@ -25,7 +25,13 @@ from edgeprism.errors import InputError, OutputError
 from edgeprism.models.checkpoint import Checkpoint
 from edgeprism.refactor import artifact
 from edgeprism.refactor.calibrate import LayerStats, calibrate, calibration_ids
-from edgeprism.refactor.partition import METHODS, NeuronStats, Partition, check_groups, partition
+from edgeprism.refactor.partition import (
+    METHODS,
+    NeuronStats,
+    Partition,
+    check_groups,
+    partition,
+)
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +160,10 @@ def _tensors(results: list[list[tuple[Partition, NeuronStats, float]]], o: Refac
             scale.append(part.importance / np.maximum(core_imp, 1e-30))
             freq.append(stats.frequency)
     L, E = len(results), len(results[0])
-    t = lambda xs, dt: torch.from_numpy(np.stack(xs)).to(dt)  # noqa: E731
+
+    def t(xs: list[np.ndarray], dt: torch.dtype) -> torch.Tensor:
+        return torch.from_numpy(np.stack(xs)).to(dt)
+
     return {"perm": t(perm, torch.int64).view(L, E, -1), "importance": t(imp, torch.float32).view(L, E, -1),
             "core": t(core, torch.int64).view(L, E, o.groups, -1), "core_scale": t(scale, torch.float32).view(L, E, -1),
             "frequency": t(freq, torch.float32).view(L, E, -1),
