@@ -158,7 +158,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         if e.name not in ("fastapi", "uvicorn", "starlette", "pydantic"):
             raise
-        raise EdgeprismError(f"the server needs {e.name}, which is not installed: pip install 'edgeprism[server]'") from e
+        raise EdgeprismError(f"the server needs {e.name}, which is not installed: "
+                             "pip install 'edgeprism[server]'") from e
     from edgeprism.api import load
 
     bar, update = _progress_bar()
@@ -167,7 +168,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     bar.close()
     with engine:
         model_id = args.model_id or default_model_id(engine)
-        print(f"edgeprism: serving {model_id!r} on http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", file=sys.stderr)
+        print(f"edgeprism: serving {model_id!r} on http://{args.host}:{args.port}/v1 (Ctrl-C to stop)",
+              file=sys.stderr)
         serve(engine, args.host, args.port, model_id=args.model_id, max_queue=args.max_queue,
               log_level="info" if args.verbose else "warning")
     return 0

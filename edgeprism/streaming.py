@@ -88,7 +88,9 @@ class TextStream:
                 self._token_end = "stop"
             yield tok
         self._token_end = "cancelled"
-        tokens.close()  # type: ignore[attr-defined]  # a generator: free its frame now
+        close = getattr(tokens, "close", None)  # the engine's token generator: free its frame now
+        if close is not None:
+            close()
 
     def cancel(self) -> None:
         """Stop before the next model step; safe from any thread. The stream then ends normally

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import torch
 
 import edgeprism
 from edgeprism.server import DEFAULT_MODEL_ID, BackgroundServer
@@ -28,6 +29,16 @@ from edgeprism.server import DEFAULT_MODEL_ID, BackgroundServer
 MODEL = DEFAULT_MODEL_ID
 QUESTION = [{"role": "user", "content": "What is a file descriptor?"}]  # greedy: no end-of-text for 200+ tokens
 README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """The model is tiny, so one intra-op thread is as fast as two, and it does not collapse when
+    the machine is busy (oversubscribed OpenMP threads made decoding ~30x slower on a shared CI box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -181,13 +192,37 @@ def test_openai_client_raises_typed_errors(client: openai.OpenAI) -> None:
         client.chat.completions.create(model="llama", messages=QUESTION, max_tokens=4)
 
 
+def test_an_internal_error_is_a_500_and_the_server_lives_on(
+        engine: edgeprism.Engine, client: openai.OpenAI, http: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(engine, "stream", broken)  # fails on the worker thread
+    with pytest.raises(openai.InternalServerError):
+        client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4)
+    with pytest.raises(openai.APIError, match="internal error"):
+        list(client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4, stream=True))
+    monkeypatch.setattr(engine, "count_tokens", broken)  # fails in the request handler
+    r = http.post("/v1/chat/completions", json=chat())
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert http.get("/health").status_code == 200  # same keep-alive connection, still served
+    monkeypatch.undo()
+    reply = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4)
+    assert reply.usage.completion_tokens == 4
+
+
 # ---- queueing, 429 and disconnects ---------------------------------------------------------
 def metrics(http: httpx.Client) -> dict[str, Any]:
     return http.get("/metrics").json()
 
 
 def test_metrics_report_throughput_cache_and_memory(http: httpx.Client) -> None:
+    before = metrics(http)
+    reply = http.post("/v1/completions", json={"model": MODEL, "prompt": "Python is", "max_tokens": 3})
+    assert reply.status_code == 200
     m = metrics(http)
+    assert m["tokens"]["completion"] == before["tokens"]["completion"] + 3
+    assert m["requests"]["completed"] == before["requests"]["completed"] + 1
     assert m["model"] == MODEL and m["requests"]["capacity"] == 4
     assert m["tokens"]["completion"] > 0 and m["tokens_per_second"] > 0
     assert 0 <= m["cache"]["hit_rate"] <= 1
@@ -282,7 +317,7 @@ def test_readme_server_command_and_client_snippet_work(tmp_path: Path) -> None:
     assert argv[:2] == ["edgeprism", "serve"]
     port, log = free_port(), tmp_path / "serve.log"
     proc = subprocess.Popen([sys.executable, "-m", "edgeprism.cli", *argv[1:], "--port", str(port),
-                             "--max-context", "256"], stderr=log.open("w"), env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                             "--max-context", "256"], stderr=log.open("w"), env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         def up() -> bool:
             assert proc.poll() is None, log.read_text()

@@ -226,25 +226,35 @@ class Server:
 
     def _plan(self, req: ChatRequest | CompletionRequest, prompt: str | None, messages: list[dict[str, str]] | None,
               max_tokens: int | None, default_max: int | None) -> Plan:
-        field = "messages" if messages is not None else "prompt"
         try:
-            n_prompt = self.engine.count_tokens(prompt, messages=messages)
             stops = check_stops(req.stop)
         except InputError as e:
-            raise bad_request(str(e), param="stop" if "stop" in str(e) else field) from e
-        room = self.engine.max_context - n_prompt
-        if room <= 0:
-            raise bad_request(f"the {field} take {n_prompt} tokens but the context window is {self.engine.max_context}"
-                              " tokens; shorten them.", param=field, code="context_length_exceeded")
-        wanted = max_tokens or min(default_max or room, room)
-        if wanted > room:
-            raise bad_request(f"max_tokens={wanted} is too large: the {field} take {n_prompt} of the "
-                              f"{self.engine.max_context}-token context window, so at most {room} new tokens fit.",
-                              param="max_tokens", code="context_length_exceeded")
+            raise bad_request(str(e), param="stop") from e
+        wanted = self._fit(prompt, messages, max_tokens, default_max)
         options = {"max_new_tokens": wanted, "temperature": 1.0 if req.temperature is None else req.temperature,
                    "top_p": 1.0 if req.top_p is None else req.top_p, "top_k": 0, "seed": req.seed, "stop": stops}
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return Plan(prompt, messages, options, bool(req.stream), include_usage)
+
+    def _fit(self, prompt: str | None, messages: list[dict[str, str]] | None, max_tokens: int | None,
+             default_max: int | None) -> int:
+        """New tokens to generate: `max_tokens` (default: `default_max`, else all the room left), and a
+        400 when the prompt and those tokens do not fit in the context window."""
+        field, context = ("messages" if messages is not None else "prompt"), self.engine.max_context
+        try:
+            n_prompt = self.engine.count_tokens(prompt, messages=messages)
+        except InputError as e:
+            raise bad_request(str(e), param=field) from e
+        room = context - n_prompt
+        if room <= 0:
+            raise bad_request(f"the {field} take {n_prompt} tokens but the context window is {context} tokens; "
+                              "shorten them.", param=field, code="context_length_exceeded")
+        wanted = max_tokens or min(default_max or room, room)
+        if wanted > room:
+            raise bad_request(f"max_tokens={wanted} is too large: the {field} take {n_prompt} of the {context}-token "
+                              f"context window, so at most {room} new tokens fit.", param="max_tokens",
+                              code="context_length_exceeded")
+        return wanted
 
     # ---- answering ---------------------------------------------------------------------
     async def _respond(self, request: Request, plan: Plan, fmt: Format) -> Response:
@@ -273,7 +283,7 @@ class Server:
                 if kind == "done":
                     return value
                 if kind == "error":
-                    raise value
+                    raise _error_for(value)
         finally:
             gone.cancel()
 
@@ -350,9 +360,36 @@ def _handler(convert: Callable[[Any], APIError]) -> Callable[[Request, Exception
     async def handle(request: Request, e: Exception) -> JSONResponse:
         err = convert(e)
         if err.status >= 500:
-            log.error("%s %s failed: %s", request.method, request.url.path, err.message, exc_info=e)
+            log.error("%s %s failed: %s", request.method, request.url.path, err.message)
         return _error_response(err)
     return handle
+
+
+class _Guard:
+    """ASGI middleware: an unexpected exception becomes OpenAI's 500 body.
+
+    Starlette's own catch-all re-raises after answering, and uvicorn then drops the connection,
+    which a client pooling keep-alive connections sees as a failure of its *next* request.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        started = False
+
+        async def tracked(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as e:
+            if scope["type"] != "http" or started:
+                raise
+            log.exception("%s %s failed", scope.get("method"), scope.get("path"))
+            await _error_response(_error_for(e))(scope, receive, send)
 
 
 def _http_error(e: HTTPException) -> APIError:
@@ -381,5 +418,5 @@ def create_app(engine: Engine, *, model_id: str | None = None, max_queue: int = 
     app.add_exception_handler(APIError, _handler(lambda e: e))
     app.add_exception_handler(EdgeprismError, _handler(from_library))
     app.add_exception_handler(HTTPException, _handler(_http_error))
-    app.add_exception_handler(Exception, _handler(_error_for))
+    app.add_middleware(_Guard)
     return app

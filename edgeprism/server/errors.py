@@ -10,8 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from edgeprism.errors import (EdgeprismError, EngineClosedError, GenerationInterrupted, InputError,
-                              TokenizerMissingError)
+from edgeprism.errors import (
+    EdgeprismError,
+    EngineClosedError,
+    GenerationInterrupted,
+    InputError,
+    TokenizerMissingError,
+)
 
 
 class QueueFullError(EdgeprismError, RuntimeError):

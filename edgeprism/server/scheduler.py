@@ -124,19 +124,23 @@ class Scheduler:
     def _work(self) -> None:
         while (job := self._queue.get()) is not None:
             try:
-                self._serve(job)
-            except Exception:  # never let one request kill the worker
+                final = self._serve(job)
+            except Exception as e:  # never let one request kill the worker
                 log.exception("request failed outside generation")
-            finally:
-                self._release(job)
+                final = ("error", e)
+            # book-keeping first, the last event after: a client that has its answer sees the
+            # server's counters and free slot already updated
+            self._release(job)
+            if final is not None:
+                job.emit(*final)
 
-    def _serve(self, job: Job) -> None:
+    def _serve(self, job: Job) -> Event | None:
+        """Run one job; its final event (None when the job was cancelled before it started)."""
         if job.cancelled.is_set():
             self.counters.cancelled += 1
-            return
+            return None
         if self._closing:
-            job.emit("error", EngineClosedError("the server is shutting down."))
-            return
+            return "error", EngineClosedError("the server is shutting down.")
         self._current, self.running = job, True
         start = time.perf_counter()
         try:
@@ -144,25 +148,24 @@ class Scheduler:
             job.attach(stream)
             completion = stream.run()
         except Exception as e:
-            self._failed(job, e)
-        else:
-            self._record(completion, time.perf_counter() - start)
-            job.emit("done", completion)
+            self._failed(e)
+            return "error", e
         finally:
             self._current, self.running = None, False
             self.counters.engine = self.engine.stats()
+        self._record(completion, time.perf_counter() - start)
+        return "done", completion
 
     @staticmethod
     def _forward(job: Job) -> OnToken:
         return lambda piece: job.emit("piece", piece)
 
-    def _failed(self, job: Job, e: Exception) -> None:
+    def _failed(self, e: Exception) -> None:
         self.counters.failed += 1
         if isinstance(e, EdgeprismError):
             log.warning("request failed: %s", e)
         else:
             log.exception("request failed")
-        job.emit("error", e)
 
     def _record(self, c: Completion, seconds: float) -> None:
         k = self.counters
