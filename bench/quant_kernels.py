@@ -1,6 +1,7 @@
 """Quantized experts: kernel bandwidth on cached units, CPU per-layer cost, and a decode sweep.
 
     python bench/quant_kernels.py kernels --out DIR            # GPU (CPU part runs anywhere)
+    python bench/quant_kernels.py tune --out DIR               # launch shapes of the Triton kernels
     python bench/quant_kernels.py decode --layers 12 --out DIR # bench/decode.py per expert dtype
 
 `kernels`: Qwen3-30B-A3B units (D 2048, Ig 768) in a slot pool far larger than L2; one decode layer
@@ -124,6 +125,58 @@ def gpu_kernels(iters: int) -> list[dict[str, Any]]:
     return records
 
 
+def tune(iters: int) -> list[dict[str, Any]]:
+    """Launch shapes of the Triton kernels on Qwen3-30B-A3B units: each kernel's options varied with
+    the other kernel at its default, timed as a CUDA graph replay (as decode runs it)."""
+    from dataclasses import replace
+
+    from edgeprism.moe import quant_triton as qt
+
+    dev = "cuda"
+    x = torch.randn(1, D, device=dev, dtype=torch.bfloat16)
+    w = torch.rand(TOP_K, device=dev, dtype=torch.bfloat16)
+    tokens = torch.zeros(TOP_K, dtype=torch.long, device=dev)
+    options = {"int8": {"n13": [8, 16, 32], "k13": [128, 256, 512], "warps13": [4, 8],
+                        "n2": [16, 32, 64], "k2": [128, 256], "warps2": [4, 8]},
+               "int4": {"n13": [16, 32, 64], "k13": [1, 2, 4], "warps13": [4, 8],
+                        "n2": [16, 32, 64], "k2": [1, 2], "warps2": [4, 8]}}
+    records = []
+    for name, opts in options.items():
+        fmt = make_format(name, D, IG, torch.bfloat16)
+        slots_n = (2 * GiB // fmt.unit_bytes) // 4 * 4
+        parts = fmt.parts(filled_pool(fmt, slots_n, dev))
+        draws = torch.stack([torch.randperm(slots_n, device=dev)[:TOP_K] for _ in range(64)])
+        slots = draws[0].clone()
+        base = qt.INT4_BLOCKS if name == "int4" else qt.INT8_BLOCKS
+        int4, gs = name == "int4", getattr(fmt, "group_size", 0)
+        configs = [base] + [replace(base, **{key: v}) for key, values in opts.items() for v in values
+                            if getattr(base, key) != v]
+        for blocks in configs:
+            def fn(blocks=blocks) -> torch.Tensor:  # noqa: ANN001
+                return qt.grouped(x, parts, slots, tokens, w, int4=int4, group_size=gs, blocks=blocks)
+
+            fn()
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            i = [0]
+
+            def replay(graph=graph, i=i) -> None:  # noqa: ANN001
+                slots.copy_(draws[i[0] % 64])
+                i[0] += 1
+                graph.replay()
+
+            t = cuda_time(replay, iters)
+            rec = {"part": "tune", "format": name, "blocks": vars(blocks), "us_per_layer_graph": t * 1e6,
+                   "gbps_graph": TOP_K * fmt.unit_bytes / t / 1e9}
+            records.append(rec)
+            print(json.dumps(rec), file=sys.stderr)
+        del parts
+        torch.cuda.empty_cache()
+    return records
+
+
 def cpu_layers(iters: int) -> list[dict[str, Any]]:
     """The CPU one-call-per-layer path on host rows; rows rotate over ≥ 1 GB so they come from DRAM."""
     records = []
@@ -183,7 +236,7 @@ def decode_sweep(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["kernels", "decode"])
+    p.add_argument("what", choices=["kernels", "tune", "decode"])
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--budgets", type=float, nargs="+", default=[4, 8])
@@ -196,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.what == "kernels":
+    if args.what == "tune":
+        records = tune(args.iters)
+    elif args.what == "kernels":
         records = gpu_kernels(args.iters) if torch.cuda.is_available() else []
         records += cpu_layers(max(5, args.iters // 20))
     else:

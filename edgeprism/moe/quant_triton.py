@@ -10,12 +10,15 @@ use the torch reference in `quant.py`. Two launches per layer, whatever the numb
   writes weights[a] · (w2 @ act[a]) to y [A, D] (fp32); `index_add_` sums the assignments per token.
 
 Weights are read once, from the pool, in their stored width (1 or ½ byte per weight): no gathered or
-dequantized copy is made. int4 steps K by one quantization group (BLOCK_K = group size) so each row
-needs one scale and one minimum per step: Σ_k (q·s + m)·x_k = s·Σ q·x + m·Σ x. Accumulation is fp32.
+dequantized copy is made. int4 works one quantization group at a time (a step unrolls KG of them),
+so each row needs one scale and one minimum per group: Σ_k (q·s + m)·x_k = s·Σ q·x + m·Σ x.
+Accumulation is fp32.
 No atomics: results are deterministic for a given launch shape.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -23,28 +26,28 @@ import triton.language as tl
 
 from edgeprism.moe.quant import QuantParts
 
-INT8_BLOCK_K = 256
-BLOCK_N_13 = 16
-BLOCK_N_2 = 32
-
-
 @triton.jit
 def _dot_rows(q_base, s_base, m_base, x_row, rows, rows_ok, K: tl.constexpr, GS: tl.constexpr,
               INT4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp32 [BLOCK_N]: Σ_k w[rows, k] · x[k] for one quantized matrix [N, K] of one unit."""
+    """fp32 [BLOCK_N]: Σ_k w[rows, k] · x[k] for one quantized matrix [N, K] of one unit.
+
+    int4: each step covers BLOCK_K = KG·GS inputs, unrolled into KG quantization groups (one scale
+    and minimum per row and group) so that KG independent loads are in flight."""
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     if INT4:
         NG: tl.constexpr = K // GS
-        HALF: tl.constexpr = BLOCK_K // 2
-        for k0 in range(0, K, BLOCK_K):  # BLOCK_K == GS: one quantization group per step
-            kb = k0 // 2 + tl.arange(0, HALF)  # byte index: k = 2·kb (low nibble), 2·kb + 1 (high)
-            x_even = tl.load(x_row + 2 * kb).to(tl.float32)
-            x_odd = tl.load(x_row + 2 * kb + 1).to(tl.float32)
-            b = tl.load(q_base + rows[:, None] * (K // 2) + kb[None, :], mask=rows_ok[:, None], other=0)
-            qx = tl.sum((b & 15).to(tl.float32) * x_even[None, :] + (b >> 4).to(tl.float32) * x_odd[None, :], 1)
-            s = tl.load(s_base + rows * NG + k0 // GS, mask=rows_ok, other=0).to(tl.float32)
-            m = tl.load(m_base + rows * NG + k0 // GS, mask=rows_ok, other=0).to(tl.float32)
-            acc += s * qx + m * (tl.sum(x_even, 0) + tl.sum(x_odd, 0))
+        HALF: tl.constexpr = GS // 2
+        for k0 in range(0, K, BLOCK_K):
+            for j in tl.static_range(BLOCK_K // GS):
+                kb = (k0 + j * GS) // 2 + tl.arange(0, HALF)  # byte index: k = 2·kb (low nibble), 2·kb + 1 (high)
+                x_even = tl.load(x_row + 2 * kb).to(tl.float32)
+                x_odd = tl.load(x_row + 2 * kb + 1).to(tl.float32)
+                b = tl.load(q_base + rows[:, None] * (K // 2) + kb[None, :], mask=rows_ok[:, None], other=0)
+                qx = tl.sum((b & 15).to(tl.float32) * x_even[None, :] + (b >> 4).to(tl.float32) * x_odd[None, :], 1)
+                g = (k0 + j * GS) // GS
+                s = tl.load(s_base + rows * NG + g, mask=rows_ok, other=0).to(tl.float32)
+                m = tl.load(m_base + rows * NG + g, mask=rows_ok, other=0).to(tl.float32)
+                acc += s * qx + m * (tl.sum(x_even, 0) + tl.sum(x_odd, 0))
     else:
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
@@ -86,22 +89,49 @@ def _w2_kernel(act_ptr, q_ptr, s_ptr, m_ptr, slots_ptr, weights_ptr, y_ptr, q_st
     tl.store(y_ptr + a * D + n, y * w, mask=n_ok)
 
 
+@dataclass(frozen=True)
+class Blocks:
+    """Launch shape of the two kernels: rows per program, K per step (int8: inputs; int4: groups),
+    warps. Defaults from `bench/quant_kernels.py tune` on an H100 (Qwen3-30B-A3B units)."""
+
+    n13: int
+    n2: int
+    k13: int
+    k2: int
+    warps13: int = 4
+    warps2: int = 4
+
+
+INT8_BLOCKS = Blocks(n13=16, n2=32, k13=256, k2=256)
+INT4_BLOCKS = Blocks(n13=16, n2=32, k13=1, k2=1)
+
+
+def _step_k(K: int, group_size: int, groups_per_step: int) -> int:
+    """int4 inputs per step: the largest power-of-two number of groups ≤ asked that divides K/group."""
+    kg = groups_per_step
+    while (K // group_size) % kg:
+        kg //= 2
+    return kg * group_size
+
+
 def grouped(x: torch.Tensor, parts: QuantParts, slots: torch.Tensor, tokens: torch.Tensor,
-            weights: torch.Tensor, int4: bool, group_size: int) -> torch.Tensor:
+            weights: torch.Tensor, int4: bool, group_size: int, blocks: Blocks | None = None) -> torch.Tensor:
     """`UnitFormat.grouped` for int8/int4 on CUDA. x: [T, D]; slots, tokens, weights: [A] -> [T, D]."""
     x = x.contiguous()
     A, D = slots.numel(), x.shape[1]
     IG = parts.q2.shape[-1] * (2 if int4 else 1)
+    b = blocks or (INT4_BLOCKS if int4 else INT8_BLOCKS)
     m13 = parts.m13 if int4 else parts.s13  # unused by the int8 branch; any valid pointer
     m2 = parts.m2 if int4 else parts.s2
-    block_k = group_size if int4 else INT8_BLOCK_K
+    k13 = _step_k(D, group_size, b.k13) if int4 else b.k13
+    k2 = _step_k(IG, group_size, b.k2) if int4 else b.k2
     gs = group_size if int4 else 1
     act = torch.empty(A, IG, dtype=torch.float32, device=x.device)
     y = torch.empty(A, D, dtype=torch.float32, device=x.device)
-    _w13_kernel[(A, triton.cdiv(IG, BLOCK_N_13))](
+    _w13_kernel[(A, triton.cdiv(IG, b.n13))](
         x, parts.q13, parts.s13, m13, slots, tokens, act, parts.q13.stride(0), parts.s13.stride(0),
-        D=D, IG=IG, GS=gs, INT4=int4, BLOCK_N=BLOCK_N_13, BLOCK_K=block_k)
-    _w2_kernel[(A, triton.cdiv(D, BLOCK_N_2))](
+        D=D, IG=IG, GS=gs, INT4=int4, BLOCK_N=b.n13, BLOCK_K=k13, num_warps=b.warps13)
+    _w2_kernel[(A, triton.cdiv(D, b.n2))](
         act, parts.q2, parts.s2, m2, slots, weights.reshape(-1), y, parts.q2.stride(0), parts.s2.stride(0),
-        D=D, IG=IG, GS=gs, INT4=int4, BLOCK_N=BLOCK_N_2, BLOCK_K=block_k)
+        D=D, IG=IG, GS=gs, INT4=int4, BLOCK_N=b.n2, BLOCK_K=k2, num_warps=b.warps2)
     return torch.zeros_like(x).index_add_(0, tokens, y.to(x.dtype))
