@@ -115,7 +115,7 @@ def test_prefetch_on_gives_the_same_outputs(checkpoints, reference, name, fracti
 @pytest.mark.parametrize("lazy", [False, True])
 @pytest.mark.parametrize("groups", [1, 2])
 def test_late_and_reordered_copies_change_nothing(checkpoints, reference, name, lazy, groups):
-    eng = load_cpu(checkpoints[name], cache_fraction=0.2, groups=groups, lookahead=2)
+    eng = load_cpu(checkpoints[name], cache_fraction=0.4, groups=groups, lookahead=2)
     fake = FakeCopies(seed=groups, lazy=lazy)
     eng.fetch.engine = fake
     logits, tokens = reference[name]
@@ -192,6 +192,7 @@ def test_prefetch_pauses_while_its_copies_go_unused(checkpoints):
         for key in wrong:
             fetch.table.discard(key)
     assert copied[0] == 2 and sum(copied[1:]) < 2 * 39 / 4  # paused after a few misses, probing now and then
+    assert max(copied[5:]) == 1  # a probe copies one unit
     assert fetch.summary()["prefetch_paused"] > 0
     assert any(copied[5:])  # probes keep the estimate fresh
 

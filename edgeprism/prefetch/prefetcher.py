@@ -167,8 +167,8 @@ class Prefetcher:
         # Copying a wrong unit costs what copying a right one saves (the copy engine is the
         # bottleneck when offloading), so prefetching pays only while more than `min_precision` of
         # the units it copies are used. Each layer's copy precision is tracked as an EMA; below
-        # the bar the layer's prefetches pause, except one probe every `probe_every` predictions
-        # that keeps the estimate fresh.
+        # the bar the layer's prefetches pause, except a probe every `probe_every` predictions
+        # (copying only the best-ranked predicted unit) that keeps the estimate fresh.
         self.min_precision, self.probe_every = min_precision, probe_every
         self._copy_precision: dict[int, float] = {}
         self._skipped: dict[int, int] = {}
@@ -206,8 +206,11 @@ class Prefetcher:
         are skipped (a prefetch is a hint)."""
         keys = list(dict.fromkeys(keys))
         self._predicted.setdefault(layer, set()).update(keys)
-        if not self._worth_copying(layer):
+        worth = self._worth_copying(layer)
+        if worth is False:
             return 0
+        if worth is None:  # a probe: the best-ranked unit only
+            keys = keys[:1]
         fills = []
         for key in keys:
             slot = self.table.insert_prefetched(key, step, current_layer, self.num_layers)
@@ -220,13 +223,14 @@ class Prefetcher:
 
     # ----- internals -----
 
-    def _worth_copying(self, layer: int) -> bool:
+    def _worth_copying(self, layer: int) -> bool | None:
+        """True: copy the prediction; False: pause; None: probe with the best-ranked unit."""
         if self._copy_precision.get(layer, 1.0) >= self.min_precision:
             return True
         self._skipped[layer] = self._skipped.get(layer, 0) + 1
         if self._skipped[layer] >= self.probe_every:
             self._skipped[layer] = 0
-            return True
+            return None
         self.stats.predictions_skipped += 1
         return False
 
