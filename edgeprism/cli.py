@@ -11,6 +11,14 @@ import torch
 from edgeprism.errors import EdgeprismError
 
 
+def _count(text: str) -> int:
+    """argparse type: an integer ≥ 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
+    return value
+
+
 def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="Hugging Face MoE checkpoint directory (default: the embedded model)")
     p.add_argument("--vram-gb", type=float, default=None, help="device memory budget in GB (default: what is free)")
@@ -51,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--model-id", default=None, help="the name clients pass as `model` (default: the checkpoint "
                      "directory's name, edgeprism-default for the embedded model)")
-    srv.add_argument("--max-queue", type=int, default=8, help="requests that may wait behind the running one; "
+    srv.add_argument("--max-queue", type=_count, default=8, help="requests that may wait behind the running one; "
                      "more get HTTP 429")
 
     ref = sub.add_parser("refactor", help="split experts into functional sub-experts (offline, no retraining)")

@@ -54,8 +54,9 @@ def server(engine: edgeprism.Engine) -> Iterator[BackgroundServer]:
 
 
 @pytest.fixture
-def client(server: BackgroundServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+def client(server: BackgroundServer) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120) as c:
+        yield c
 
 
 @pytest.fixture
@@ -246,6 +247,15 @@ def test_full_queue_gives_429_and_a_disconnect_frees_the_slot_at_once(engine: ed
         assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 4
 
 
+def test_a_client_that_gives_up_on_a_plain_request_frees_its_slot(engine: edgeprism.Engine) -> None:
+    with BackgroundServer(engine, max_queue=0) as srv, httpx.Client(base_url=srv.url, timeout=120) as http:
+        with pytest.raises(httpx.ReadTimeout):  # httpx closes the connection
+            http.post("/v1/chat/completions", json=chat(max_tokens=200, temperature=0), timeout=1.0)
+        wait_for(lambda: metrics(http)["requests"]["cancelled"] == 1 and metrics(http)["requests"]["running"] == 0)
+        assert metrics(http)["tokens"]["completion"] < 200
+        assert http.post("/v1/chat/completions", json=chat()).status_code == 200
+
+
 def test_disconnect_while_queued_skips_the_request(engine: edgeprism.Engine) -> None:
     with BackgroundServer(engine, max_queue=1) as srv, httpx.Client(base_url=srv.url, timeout=120) as http:
         with http.stream("POST", "/v1/chat/completions", json=chat(max_tokens=200, stream=True)) as running:
@@ -259,29 +269,31 @@ def test_disconnect_while_queued_skips_the_request(engine: edgeprism.Engine) -> 
         assert metrics(http)["requests"]["completed"] == 0
 
 
+def ask(client: openai.OpenAI, streaming: bool) -> str:
+    """One short chat request: "ok", "429", or what went wrong."""
+    try:
+        if streaming:
+            stream = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=3, temperature=0,
+                                                    stream=True)
+            text = "".join(c.choices[0].delta.content or "" for c in stream)
+        else:
+            text = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=3,
+                                                  temperature=0).choices[0].message.content
+        return "ok" if text else "empty"
+    except openai.RateLimitError:
+        return "429"
+    except Exception as e:  # recorded, and fails the test
+        return f"{type(e).__name__}: {e}"
+
+
 def test_concurrent_clients_get_answers_or_429(server: BackgroundServer, http: httpx.Client) -> None:
     before = metrics(http)["requests"]
-    outcomes: list[str] = []
-    lock = threading.Lock()
+    outcomes: list[str] = []  # list.append is atomic
 
     def one_client(i: int) -> None:
-        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
-        for j in range(5):
-            try:
-                if (i + j) % 2:
-                    text = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=3,
-                                                          temperature=0).choices[0].message.content
-                else:
-                    stream = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=3,
-                                                            temperature=0, stream=True)
-                    text = "".join(c.choices[0].delta.content or "" for c in stream)
-                outcome = "ok" if text else "empty"
-            except openai.RateLimitError:
-                outcome = "429"
-            except Exception as e:  # recorded, and fails the test below
-                outcome = f"{type(e).__name__}: {e}"
-            with lock:
-                outcomes.append(outcome)
+        with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
+            for j in range(5):
+                outcomes.append(ask(client, streaming=(i + j) % 2 == 0))
 
     threads = [threading.Thread(target=one_client, args=(i,)) for i in range(8)]
     for t in threads:

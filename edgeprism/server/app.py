@@ -406,6 +406,10 @@ def create_app(engine: Engine, *, model_id: str | None = None, max_queue: int = 
     max_queue: requests that may wait behind the running one before new ones get 429;
     max_body_bytes: larger request bodies get 413.
     """
+    if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
+        raise InputError(f"max_queue={max_queue!r}: must be an integer ≥ 0 (0 = no waiting, only the running request).")
+    if max_body_bytes <= 0:
+        raise InputError(f"max_body_bytes={max_body_bytes!r}: must be a positive number of bytes.")
     server = Server(engine, model_id or default_model_id(engine), max_queue, max_body_bytes)
     app = FastAPI(title="edgeprism", lifespan=server.lifespan, docs_url=None, redoc_url=None)
     app.state.server = server

@@ -78,8 +78,6 @@ class Scheduler:
     """Admits up to `max_queue` waiting requests plus the running one; serves them in order."""
 
     def __init__(self, engine: Engine, max_queue: int) -> None:
-        if max_queue < 0:
-            raise ValueError(f"max_queue={max_queue}: must be ≥ 0.")
         self.engine = engine
         self.capacity = max_queue + 1
         self.counters = Counters(engine=engine.stats())
