@@ -48,6 +48,8 @@ class UnitGate:
         run = before < self.keep * mass.sum(-1, keepdim=True)
         run[:, 0] = True  # at least one unit per token
         mask = torch.zeros_like(run).scatter(-1, order, run).view(T, k, -1)
+        if self.always_on:
+            mask[..., 0] = True  # runs with its expert whatever the budget (its mass is counted first)
         if self.dropped:
             mask[..., -1] = False
         self.units_dropped = self.units_dropped + (~mask).sum()
