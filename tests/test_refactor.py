@@ -237,6 +237,32 @@ def test_static_gate_and_no_artifact_gate(engines):
         art.gate.mode = "score"
 
 
+def test_gate_rules():
+    """Mass ranking keeps a prefix holding `keep` of the mass; always-on runs, the dropped group never."""
+    from edgeprism.moe.gate import UnitGate
+
+    gen = torch.Generator().manual_seed(0)
+    importance = {0: torch.rand(6, 4, generator=gen) + 0.01}
+    ids = torch.tensor([[0, 3], [5, 1], [2, 4]])
+    weights = torch.tensor([[0.95, 0.05], [0.6, 0.4], [0.5, 0.5]])
+    x = torch.zeros(3, 8)
+    plain = UnitGate(4, importance)
+    kept = []
+    for keep in (0.99, 0.7, 0.3, 0.01):
+        plain.keep = keep
+        units = plain(0, x, ids, weights)
+        mass = (weights[..., None] * plain.shares(0, x, ids))
+        assert (mass * (units > 0)).sum(dim=(1, 2)).ge(keep * mass.sum(dim=(1, 2)) - 1e-6).all()
+        assert ((units == 0) | (units == weights[..., None])).all()  # a unit runs at its router weight or not at all
+        kept.append(int((units > 0).sum()))
+    assert kept == sorted(kept, reverse=True) and kept[-1] == 3  # at least one unit per token
+    fixed = UnitGate(4, importance, always_on=True, dropped=True)
+    fixed.keep = 0.01
+    units = fixed(0, x, ids, weights)
+    assert (units[..., 0] > 0).all() and (units[..., -1] == 0).all()
+    assert int(fixed.units_dropped) == int((units == 0).sum())
+
+
 # ---- bad input leaves nothing behind -------------------------------------------------------------
 
 
