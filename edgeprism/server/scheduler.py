@@ -103,8 +103,8 @@ class Scheduler:
         with self._lock:
             if self._admitted >= self.capacity:
                 self.counters.rejected += 1
-                raise QueueFullError(f"the server is busy ({self._admitted} requests running or queued, the most "
-                                     "it holds); retry in a moment.")
+                raise QueueFullError(f"the server is busy: its queue is full ({self.capacity - 1} waiting behind "
+                                     "the running request); retry in a moment.")
             self._admitted += 1
         self._queue.put(job)
 
