@@ -154,9 +154,11 @@ def test_offloading_is_invisible_with_quantized_units(int4_resident):
 
 # ---- held-out perplexity of the default model -------------------------------------------------
 
-# Measured 2026-11-23 on CPU (torch 2.13.0+cpu), first 4096 predicted tokens of the held-out stream
-# in windows of 512, model (resident) weights fp32: see test_quantized_perplexity's assertion message.
-PPL_TOKENS, PPL_WINDOW, EOS_ID = 4096, 512, 0
+# Measured 2026-11-23 on CPU (torch 2.13.0+cpu), first 2048 predicted tokens of the held-out stream
+# in windows of 512, resident weights fp32: fp32 experts 20.5828; bf16 20.5828 (+0.00%); int8 20.5864
+# (+0.02%); int4 (group 128) 20.7220 (+0.68%). Over 4096 tokens: 22.0009; +0.00%; +0.01%; +0.48%.
+# Thresholds are the issue's: int8 within 1%, int4 within 5% of the unquantized model (bf16 within 1%).
+PPL_TOKENS, PPL_WINDOW, EOS_ID = 2048, 512, 0
 PPL_LIMITS = {"bf16": 1.01, "int8": 1.01, "int4": 1.05}  # ratio to the unquantized (fp32) model
 
 
