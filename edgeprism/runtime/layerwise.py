@@ -2,10 +2,11 @@
 
 Which units a layer needs is known only after its router runs on the GPU, so an offloaded step
 cannot be one CUDA graph. It is cut at the routers instead: segment j runs MoE layer j-1's experts
-(from the slots the host chose), the dense layers in between, layer j's attention, its router and
-the next-layer predictor. The host then reads the routing (one small device→host copy), pins the
-units in the cache, starts the copies of the misses, writes the slot ids, prefetches the predicted
-units of the next layers, and launches segment j+1. Each segment is captured as a CUDA graph per
+(from the slots the host chose), the dense layers in between, layer j's attention and its router.
+The host then reads the routing (one small device→host copy), pins the units in the cache, starts
+the copies of the misses and writes the slot ids, while the next-layer predictor (a small graph of
+its own, launched right after the routing copy) runs on the GPU; then it prefetches the predicted
+units of the next layers and launches segment j+1. Each segment is captured as a CUDA graph per
 attention-length bucket, so the per-layer launch cost is one graph replay instead of ~100 kernel
 launches (measured ~1 ms of host time per layer when eager).
 
@@ -46,7 +47,7 @@ class LayerwiseDecode:
             self.predictor = NextLayerPredictor(targets, self.lookahead,
                                                 min(spec.num_experts, max(self.predict_experts, 2 * self.k)))
         self._alloc(spec.dim, model.embed.weight.dtype)
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}  # (segment, length) or ("predict", j)
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.layer_seconds = 0.0  # EMA of host wall time per MoE layer (for stats and sizing)
 
@@ -60,15 +61,18 @@ class LayerwiseDecode:
         self.w_units = torch.zeros(2, kG, dtype=probe.dtype, device=dev)  # routing weight of each unit
         self.slots = torch.zeros(kG, dtype=torch.long, device=dev)  # written by the host every layer
         self.unit_token = torch.zeros(kG, dtype=torch.long, device=dev)  # batch 1: every unit reads token 0
-        C = self.predictor.num_candidates if self.predictor else 0
-        self.route = torch.zeros(self.k + self.lookahead * C, dtype=torch.long, device=dev)  # ids | candidates
-        self.cand_p = torch.zeros(max(1, self.lookahead), max(1, C), dtype=torch.float32, device=dev)
+        C = self.predictor.num_candidates if self.predictor else 1
+        self.route = torch.zeros(self.k, dtype=torch.long, device=dev)  # routed expert ids
+        self.cand = torch.zeros(max(1, self.lookahead), C, dtype=torch.long, device=dev)  # predicted ids
+        self.cand_p = torch.zeros(max(1, self.lookahead), C, dtype=torch.float32, device=dev)
         self.out = torch.zeros(1, self.model.spec.vocab_size, dtype=dtype, device=dev)
         pin = dev.type == "cuda"
         self.host_route = torch.zeros(self.route.shape, dtype=torch.long, pin_memory=pin)
+        self.host_cand = torch.zeros(self.cand.shape, dtype=torch.long, pin_memory=pin)
         self.host_p = torch.zeros(self.cand_p.shape, dtype=torch.float32, pin_memory=pin)
         self.host_slots = torch.zeros(kG, dtype=torch.long, pin_memory=pin)
-        self.ready = torch.cuda.Event() if pin else None
+        self.routed = torch.cuda.Event() if pin else None  # routing of the last segment is on the host
+        self.predicted = torch.cuda.Event() if pin else None  # so are the predictor's candidates
 
     # ----- one token -----
 
@@ -95,10 +99,24 @@ class LayerwiseDecode:
         return self.out
 
     def _serve_layer(self, j: int) -> list[SubExpertKey]:
-        """Host decisions after segment j: pin layer j's units, set its slots, prefetch ahead."""
-        route, probs = self._read_routing()
+        """Host decisions after segment j: pin layer j's units, set its slots, prefetch ahead.
+
+        The predictor runs on the GPU (its own small graph) while the host pins and fetches, so
+        prediction adds almost nothing to the layer's critical path.
+        """
+        self.host_route.copy_(self.route, non_blocking=True)
+        if self.routed is not None:
+            self.routed.record()
+        if self.predictor is not None:
+            self._run_predictor(j)
+            self.host_cand.copy_(self.cand, non_blocking=True)
+            self.host_p.copy_(self.cand_p, non_blocking=True)
+            if self.predicted is not None:
+                self.predicted.record()
+        if self.routed is not None:
+            self.routed.synchronize()
         layer, step, G = self.moe_layers[j], self.experts.step, self.G
-        experts = route[:self.k]
+        experts = self.host_route.tolist()
         keys = [SubExpertKey(layer, e, g) for e in experts for g in range(G)]
         slots = self.fetch.acquire(keys, step, layer)
         # The pinned staging buffer is rewritten only after the next routing read, which follows
@@ -106,37 +124,41 @@ class LayerwiseDecode:
         self.host_slots.copy_(torch.tensor(slots, dtype=torch.long))
         self.slots.copy_(self.host_slots, non_blocking=True)
         if self.predictor is not None:
-            self._prefetch(j, route, probs, step, layer)
+            self._prefetch(j, experts, step, layer)
         return keys
 
-    def _prefetch(self, j: int, route: list[int], probs: list[list[float]], step: int, layer: int) -> None:
-        self.predictor.observe(j, route[:self.k])
-        C = self.predictor.num_candidates
+    def _prefetch(self, j: int, experts: list[int], step: int, layer: int) -> None:
+        self.predictor.observe(j, experts)
+        if self.predicted is not None:
+            self.predicted.synchronize()
+        cand, probs = self.host_cand.tolist(), self.host_p.tolist()
         for d in range(1, self.lookahead + 1):
             if j + d >= self.M:
                 break
-            ids = route[self.k + (d - 1) * C:self.k + d * C]
-            chosen = self.predictor.choose(j + d, probs[d - 1], ids, self.predict_experts)
+            chosen = self.predictor.choose(j + d, probs[d - 1], cand[d - 1], self.predict_experts)
             target = self.moe_layers[j + d]
             keys = [SubExpertKey(target, e, g) for e in chosen for g in range(self.G)]
             self.fetch.prefetch(target, keys, step, layer)
 
-    def _read_routing(self) -> tuple[list[int], list[list[float]]]:
-        """Routed ids and predictor candidates of the segment just run (blocks until it finishes)."""
-        self.host_route.copy_(self.route, non_blocking=True)
-        self.host_p.copy_(self.cand_p, non_blocking=True)
-        if self.ready is not None:
-            self.ready.record()
-            self.ready.synchronize()
-        return self.host_route.tolist(), self.host_p.tolist()
-
     # ----- segments -----
 
     def _run(self, j: int, length: int) -> None:
+        self._replay((j, length), lambda: self._segment(j, length))
+
+    def _run_predictor(self, j: int) -> None:
+        self._replay(("predict", j), lambda: self._predict(j))
+
+    def _predict(self, j: int) -> None:
+        """Candidates for the next MoE layers from the state after layer j's attention."""
+        probs, cand = self.predictor.candidates(self.h[j % 2], j)  # [lookahead, C] x2
+        self.cand_p.copy_(probs)
+        self.cand.copy_(cand)
+
+    def _replay(self, key: tuple, fn) -> None:  # noqa: ANN001 - a zero-argument callable
         if not self.use_graphs:
-            self._segment(j, length)
+            fn()
             return
-        graph = self.graphs.get((j, length))
+        graph = self.graphs.get(key)
         if graph is not None:
             graph.replay()
             return
@@ -146,15 +168,15 @@ class LayerwiseDecode:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(compute)
         with torch.cuda.stream(side):
-            self._segment(j, length)
+            fn()
         compute.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            self._segment(j, length)
-        self.graphs[(j, length)] = graph
+            fn()
+        self.graphs[key] = graph
 
     def _segment(self, j: int, length: int) -> None:
-        """Experts of MoE layer j-1 -> dense layers -> attention, router and predictor of MoE layer j."""
+        """Experts of MoE layer j-1 -> dense layers -> attention and router of MoE layer j."""
         m, prev, cur = self.model, (j - 1) % 2, j % 2
         cos, sin, mask = m.decode_tables(self.pos, length)
         if j == 0:
@@ -177,8 +199,4 @@ class LayerwiseDecode:
         self.h[cur].copy_(h)
         self.xn[cur].copy_(xn)
         self.w_units[cur].copy_(weights.reshape(-1).repeat_interleave(self.G))
-        self.route[:self.k].copy_(ids.reshape(-1))
-        if self.predictor is not None:
-            probs, cand = self.predictor.candidates(h, j)  # [lookahead, C] x2
-            self.cand_p.copy_(probs)
-            self.route[self.k:].copy_(cand.reshape(-1))
+        self.route.copy_(ids.reshape(-1))
