@@ -18,12 +18,16 @@ share of units the full 48-layer model would get under that budget (`--cache-fra
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import functools
+import itertools
 import json
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +35,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import decode  # noqa: E402
-from edgeprism.config import ModelSpec  # noqa: E402
-from edgeprism.moe.quant import make_format, triton_ready  # noqa: E402
-from edgeprism.runtime.memory import GiB, plan_budget  # noqa: E402
+from bench import decode
+from edgeprism.config import ModelSpec
+from edgeprism.moe.quant import UnitFormat, make_format, triton_ready
+from edgeprism.runtime.memory import GiB, plan_budget
 
 D, IG, TOP_K = 2048, 768, 8
 FORMATS = ("bf16", "int8", "int4", "int4-g64")
 
 
-def cuda_time(fn, iters: int) -> float:  # noqa: ANN001
+def cuda_time(fn: Callable[[], object], iters: int) -> float:
     """Seconds per call (CUDA events, after warm-up)."""
     for _ in range(3):
         fn()
@@ -54,7 +58,28 @@ def cuda_time(fn, iters: int) -> float:  # noqa: ANN001
     return start.elapsed_time(end) / 1e3 / iters
 
 
-def filled_pool(fmt: Any, slots: int, device: str) -> torch.Tensor:
+def time_layer(fn: Callable[[], object], slots: torch.Tensor, draws: torch.Tensor, iters: int) -> tuple[float, float]:
+    """Seconds per call of `fn`, eager and replayed as a CUDA graph; `slots` gets a new draw before
+    every call, as a decode step would (so weights come from HBM, not L2)."""
+    i = itertools.count()
+
+    def eager() -> None:
+        slots.copy_(draws[next(i) % len(draws)])
+        fn()
+
+    t_eager = cuda_time(eager, iters)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+
+    def replay() -> None:
+        slots.copy_(draws[next(i) % len(draws)])
+        graph.replay()
+
+    return t_eager, cuda_time(replay, iters)
+
+
+def filled_pool(fmt: UnitFormat, slots: int, device: str) -> torch.Tensor:
     """`slots` rows: a few distinct packed units tiled (distinct memory, realistic values)."""
     g = torch.Generator(device=device).manual_seed(0)
     distinct = torch.stack([fmt.pack(torch.randn(IG, D, generator=g, device=device) * 0.02,
@@ -63,64 +88,40 @@ def filled_pool(fmt: Any, slots: int, device: str) -> torch.Tensor:
     return distinct.repeat(slots // 4, 1)
 
 
-def gpu_kernels(iters: int) -> list[dict[str, Any]]:
+def decode_layer(fmt: UnitFormat) -> tuple[torch.Tensor, ...]:
+    """x [1, D], pool parts of ≥ 2 GB of units, slots [8], tokens [8], weights [8], 64 slot draws."""
     dev = "cuda"
-    x = torch.randn(1, D, device=dev, dtype=torch.bfloat16)
-    w = torch.rand(TOP_K, device=dev, dtype=torch.bfloat16)
-    tokens = torch.zeros(TOP_K, dtype=torch.long, device=dev)
-    records = []
+    slots_n = max(64, (2 * GiB // fmt.unit_bytes) // 4 * 4)
+    draws = torch.stack([torch.randperm(slots_n, device=dev)[:TOP_K] for _ in range(64)])  # [64, 8]
+    return (torch.randn(1, D, device=dev, dtype=torch.bfloat16), fmt.parts(filled_pool(fmt, slots_n, dev)),
+            draws[0].clone(), torch.zeros(TOP_K, dtype=torch.long, device=dev),
+            torch.rand(TOP_K, device=dev, dtype=torch.bfloat16), draws)
+
+
+def gpu_kernels(iters: int) -> list[dict[str, Any]]:
+    records: list[dict[str, Any]] = []
     for name in FORMATS:
         fmt = make_format(name, D, IG, torch.bfloat16)
-        slots_n = max(64, (2 * GiB // fmt.unit_bytes) // 4 * 4)  # ≥ 2 GB of units: nothing stays in L2
-        pool = filled_pool(fmt, slots_n, dev)
-        parts = fmt.parts(pool)
-        draws = torch.stack([torch.randperm(slots_n, device=dev)[:TOP_K] for _ in range(64)])  # [64, 8]
-        slots = draws[0].clone()
-        paths = {"grouped": lambda: fmt.grouped(x, parts, slots, tokens, w)}
-        if fmt.quantized:
-            paths["torch-reference"] = lambda: super(type(fmt), fmt).grouped(x, parts, slots, tokens, w)
+        x, parts, slots, tokens, w, draws = decode_layer(fmt)
+        paths = {"grouped": functools.partial(fmt.grouped, x, parts, slots, tokens, w)}
+        if fmt.quantized:  # the torch dequantize-then-matmul path CPU and CI run
+            paths["torch-reference"] = functools.partial(UnitFormat.grouped, fmt, x, parts, slots, tokens, w)
         for path, fn in paths.items():
-            i = [0]
-
-            def step(fn=fn, i=i) -> None:  # noqa: ANN001 - new slots every call, as decode does
-                slots.copy_(draws[i[0] % 64])
-                i[0] += 1
-                fn()
-
-            eager = cuda_time(step, iters)
-            graphed = None
-            try:
-                graph = torch.cuda.CUDAGraph()
-                fn()
-                torch.cuda.synchronize()
-                with torch.cuda.graph(graph):
-                    fn()
-
-                def replay(graph=graph, i=i) -> None:  # noqa: ANN001
-                    slots.copy_(draws[i[0] % 64])
-                    i[0] += 1
-                    graph.replay()
-
-                graphed = cuda_time(replay, iters)
-            except Exception as e:  # report, keep going
-                print(f"graph capture failed for {name} {path}: {e}", file=sys.stderr)
+            eager, graphed = time_layer(fn, slots, draws, iters)
             moved = TOP_K * fmt.unit_bytes
             rec = {"part": "gpu-kernel", "format": name, "path": path, "unit_bytes": fmt.unit_bytes,
                    "us_per_layer_eager": eager * 1e6, "gbps_eager": moved / eager / 1e9,
-                   "us_per_layer_graph": graphed * 1e6 if graphed else None,
-                   "gbps_graph": moved / graphed / 1e9 if graphed else None,
+                   "us_per_layer_graph": graphed * 1e6, "gbps_graph": moved / graphed / 1e9,
                    "triton": triton_ready() and fmt.quantized and path == "grouped"}
             records.append(rec)
             print(json.dumps(rec), file=sys.stderr)
-        del pool, parts
+        del parts, paths
         torch.cuda.empty_cache()
-    src = torch.empty(GiB, dtype=torch.uint8, device=dev)
+    src = torch.empty(GiB, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     d2d = cuda_time(lambda: dst.copy_(src), 20)
-    host = torch.empty(make_format("int4", D, IG, torch.bfloat16).unit_bytes * 8, dtype=torch.uint8, pin_memory=True)
-    h2d = cuda_time(lambda: dst[:host.numel()].copy_(host, non_blocking=True), 50)
     records.append({"part": "gpu-copy", "d2d_copy_gbps_read_plus_write": 2 * GiB / d2d / 1e9,
-                    "d2d_copy_gbps_read": GiB / d2d / 1e9, "h2d_pinned_gbps_8_int4_units": host.numel() / h2d / 1e9})
+                    "d2d_copy_gbps_read": GiB / d2d / 1e9})
     print(json.dumps(records[-1]), file=sys.stderr)
     return records
 
@@ -128,47 +129,25 @@ def gpu_kernels(iters: int) -> list[dict[str, Any]]:
 def tune(iters: int) -> list[dict[str, Any]]:
     """Launch shapes of the Triton kernels on Qwen3-30B-A3B units: each kernel's options varied with
     the other kernel at its default, timed as a CUDA graph replay (as decode runs it)."""
-    from dataclasses import replace
-
     from edgeprism.moe import quant_triton as qt
 
-    dev = "cuda"
-    x = torch.randn(1, D, device=dev, dtype=torch.bfloat16)
-    w = torch.rand(TOP_K, device=dev, dtype=torch.bfloat16)
-    tokens = torch.zeros(TOP_K, dtype=torch.long, device=dev)
     options = {"int8": {"n13": [8, 16, 32], "k13": [128, 256, 512], "warps13": [4, 8],
                         "n2": [16, 32, 64], "k2": [128, 256], "warps2": [4, 8]},
                "int4": {"n13": [16, 32, 64], "k13": [1, 2, 4], "warps13": [4, 8],
                         "n2": [16, 32, 64], "k2": [1, 2], "warps2": [4, 8]}}
-    records = []
+    records: list[dict[str, Any]] = []
     for name, opts in options.items():
         fmt = make_format(name, D, IG, torch.bfloat16)
-        slots_n = (2 * GiB // fmt.unit_bytes) // 4 * 4
-        parts = fmt.parts(filled_pool(fmt, slots_n, dev))
-        draws = torch.stack([torch.randperm(slots_n, device=dev)[:TOP_K] for _ in range(64)])
-        slots = draws[0].clone()
+        x, parts, slots, tokens, w, draws = decode_layer(fmt)
         base = qt.INT4_BLOCKS if name == "int4" else qt.INT8_BLOCKS
-        int4, gs = name == "int4", getattr(fmt, "group_size", 0)
-        configs = [base] + [replace(base, **{key: v}) for key, values in opts.items() for v in values
+        gs = getattr(fmt, "group_size", 0)
+        configs = [base] + [dataclasses.replace(base, **{key: v}) for key, values in opts.items() for v in values
                             if getattr(base, key) != v]
         for blocks in configs:
-            def fn(blocks=blocks) -> torch.Tensor:  # noqa: ANN001
-                return qt.grouped(x, parts, slots, tokens, w, int4=int4, group_size=gs, blocks=blocks)
-
-            fn()
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()
-            i = [0]
-
-            def replay(graph=graph, i=i) -> None:  # noqa: ANN001
-                slots.copy_(draws[i[0] % 64])
-                i[0] += 1
-                graph.replay()
-
-            t = cuda_time(replay, iters)
-            rec = {"part": "tune", "format": name, "blocks": vars(blocks), "us_per_layer_graph": t * 1e6,
+            fn = functools.partial(qt.grouped, x, parts, slots, tokens, w, int4=name == "int4", group_size=gs,
+                                   blocks=blocks)
+            t = time_layer(fn, slots, draws, iters)[1]
+            rec = {"part": "tune", "format": name, "blocks": dataclasses.asdict(blocks), "us_per_layer_graph": t * 1e6,
                    "gbps_graph": TOP_K * fmt.unit_bytes / t / 1e9}
             records.append(rec)
             print(json.dumps(rec), file=sys.stderr)

@@ -17,8 +17,16 @@ import torch
 import edgeprism
 from edgeprism.errors import ExpertDtypeError
 from edgeprism.moe.kernels import grouped_swiglu, swiglu_unit
-from edgeprism.moe.quant import (DenseFormat, Int4Format, Int8Format, make_format, quantize_int4,
-                                 quantize_int8, dequantize_int4, dequantize_int8)
+from edgeprism.moe.quant import (
+    DenseFormat,
+    Int4Format,
+    Int8Format,
+    dequantize_int4,
+    dequantize_int8,
+    make_format,
+    quantize_int4,
+    quantize_int8,
+)
 
 QUANT = ["int8", "int4", "int4-g64"]
 
@@ -92,7 +100,7 @@ def test_grouped_equals_reference(name, dtype):
     for a in range(len(slots)):
         w13, w2 = fmt.dequantize(parts, slots[a:a + 1])
         ref.index_add_(0, tokens[a:a + 1], (swiglu_unit(x[tokens[a:a + 1]], w13[0], w2[0]) * w[a]).to(dtype))
-    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    tol = {"atol": 1e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
     torch.testing.assert_close(fmt.grouped(x, parts, slots, tokens, w), ref, **tol)
     torch.testing.assert_close(fmt.cpu_grouped(x, parts, slots, tokens, w), ref, **tol)
     torch.testing.assert_close(fmt.unit(x[:1], parts, 3), swiglu_unit(x[:1], *(t[0] for t in fmt.dequantize(parts, torch.tensor([3])))), **tol)

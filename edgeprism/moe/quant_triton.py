@@ -26,6 +26,7 @@ import triton.language as tl
 
 from edgeprism.moe.quant import QuantParts
 
+
 @triton.jit
 def _dot_rows(q_base, s_base, m_base, x_row, rows, rows_ok, K: tl.constexpr, GS: tl.constexpr,
               INT4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
