@@ -317,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         source, model_name = MemoryCheckpoint(cfg, seed=0), args.geometry
     layers = source.spec.n_layers
     systems = args.systems.split(",")
+    if (args.expert_dtype or "").startswith("int") and "lru-expert" in systems:
+        systems.remove("lru-expert")  # the baseline computes dense units only
     plan = [(s, b) for s in ("edgeprism", "edgeprism-noprefetch", "lru-expert") if s in systems for b in args.budgets]
     plan += [("resident", None)] if "resident" in systems else []
     plan += [("accelerate", b) for b in args.budgets] if "accelerate" in systems and cfg and device.type == "cuda" else []
