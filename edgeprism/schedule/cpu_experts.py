@@ -1,0 +1,147 @@
+"""The CPU expert path: compute a layer's missed units on the CPU, from the host arena where they live.
+
+At batch 1 a unit's GEMVs read each weight once, so the CPU path is bound by DRAM bandwidth (90+
+GB/s on the H100 box's 16 cores) and can beat copying the unit over PCIe (~50 GB/s) and computing it
+on the GPU. Getting there takes one call per layer, not one per unit: torch's per-call overhead
+(~0.1 ms a GEMV) caps small experts at a quarter of the bandwidth (MEASURED.md). Three implementations
+of the same math (`moe/kernels.grouped_swiglu`), chosen by `impl`:
+
+- ``native`` (default where a C compiler exists): `_swiglu_rows.c`, one OpenMP call over any set of
+  arena rows, fp32 accumulation, bf16 or fp32 rows read in place;
+- ``torch``: maximal runs of adjacent rows (a planner's CPU units are key-ordered, so an expert's
+  groups form one run) as strided views, one `bmm` per projection per run — no gather copy;
+- ``unit``: one `mv` per projection per unit (the baseline the others must beat).
+
+Quantized rows go through their format's own `cpu_grouped` (int8: torch's packed int8 GEMV per unit).
+
+Threads: `max(1, cores − 1)` by default, leaving one core to the thread that issues copies and waits
+on events (a spinning waiter made a 16-thread CPU FFN 14–80× slower on the H100 box). `submit` runs a
+call on a worker thread, so the caller can issue the layer's copies meanwhile; both the native call
+(ctypes) and torch ops release the GIL.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import psutil
+import torch
+import torch.nn.functional as F
+
+from edgeprism.errors import InputError
+from edgeprism.moe.quant import DenseFormat, UnitFormat
+from edgeprism.schedule import native
+
+IMPLS = ("auto", "native", "torch", "unit")
+
+
+def default_threads() -> int:
+    """Physical cores available to this process, minus one for the copy/sync thread."""
+    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    physical = psutil.cpu_count(logical=False) or logical
+    return max(1, min(logical, physical) - 1)
+
+
+def runs(rows: Sequence[int]) -> list[tuple[int, int]]:
+    """(first row, count) of each maximal run of consecutive rows, in the given order."""
+    out: list[tuple[int, int]] = []
+    for r in rows:
+        if out and out[-1][0] + out[-1][1] == r:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((r, 1))
+    return out
+
+
+class CpuExperts:
+    """A model's CPU expert path: `fmt` says how rows are stored; `threads` how many cores to use."""
+
+    def __init__(self, fmt: UnitFormat, threads: int | None = None, impl: str = "auto") -> None:
+        if impl not in IMPLS:
+            raise InputError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if threads is not None and threads < 1:
+            raise InputError(f"threads must be ≥ 1, got {threads}")
+        self.fmt, self.threads = fmt, threads or default_threads()
+        dense = isinstance(fmt, DenseFormat) and fmt.row_dtype == fmt.compute_dtype
+        lib = native.load() if dense and impl in ("auto", "native") and fmt.row_dtype in _NATIVE else None
+        if impl == "native" and lib is None:
+            raise InputError("the native CPU expert kernel is unavailable (no C compiler, or not a bf16/fp32 "
+                             "dense format); use impl='torch'")
+        self.impl = "native" if lib is not None else ("format" if not dense else ("unit" if impl == "unit" else "torch"))
+        self._lib = lib
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __call__(self, x: torch.Tensor, arena: torch.Tensor, rows: Sequence[int],
+                 weights: torch.Tensor) -> torch.Tensor:
+        """sum_i weights[i] · unit_{rows[i]}(x): x [1, D], arena [R, row_numel] (host), weights [n] -> [1, D]."""
+        if x.dim() != 2 or x.shape[0] != 1 or x.shape[1] != self.fmt.dim:
+            raise InputError(f"the CPU expert path takes one token x [1, {self.fmt.dim}], got {tuple(x.shape)}")
+        if len(rows) != weights.numel():
+            raise InputError(f"{len(rows)} rows but {weights.numel()} weights")
+        if not len(rows):
+            return torch.zeros_like(x)
+        if self.impl == "native":
+            return self._native(x, arena, rows, weights)
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)  # process-wide: the engine owns this setting
+        if self.impl == "format":
+            idx = torch.as_tensor(list(rows), dtype=torch.long)
+            return self.fmt.cpu_grouped(x, self.fmt.parts(arena), idx, torch.zeros_like(idx), weights)
+        if self.impl == "unit":
+            return self._per_unit(x, arena, rows, weights)
+        return self._runs(x, arena, rows, weights)
+
+    def submit(self, x: torch.Tensor, arena: torch.Tensor, rows: Sequence[int],
+               weights: torch.Tensor) -> Future[torch.Tensor]:
+        """The same call on this path's worker thread (wait with `.result()`: it blocks, never spins)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeprism-cpu-experts")
+        return self._pool.submit(self, x, arena, rows, weights)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def _native(self, x: torch.Tensor, arena: torch.Tensor, rows: Sequence[int],
+                weights: torch.Tensor) -> torch.Tensor:
+        assert self._lib is not None and arena.is_contiguous()
+        D, Ig = self.fmt.dim, self.fmt.group_inter
+        xf = x.float().contiguous()
+        w = weights.float().contiguous()
+        idx = torch.as_tensor(list(rows), dtype=torch.int64)
+        if int(idx.min()) < 0 or int(idx.max()) >= arena.shape[0]:
+            raise InputError(f"rows must lie in [0, {arena.shape[0]})")
+        act = torch.empty(len(rows) * Ig)
+        y = torch.empty(1, D)
+        self._lib.swiglu_rows(arena.data_ptr(), int(arena.dtype == torch.bfloat16), arena.shape[1], idx.data_ptr(),
+                              w.data_ptr(), len(rows), D, Ig, xf.data_ptr(), act.data_ptr(), y.data_ptr(),
+                              self.threads)
+        return y.to(x.dtype)
+
+    def _runs(self, x: torch.Tensor, arena: torch.Tensor, rows: Sequence[int],
+              weights: torch.Tensor) -> torch.Tensor:
+        y = torch.zeros(self.fmt.dim)
+        i = 0
+        for first, n in runs(rows):
+            parts = self.fmt.parts(arena[first:first + n])  # strided views of n adjacent rows, no copy
+            h = torch.bmm(parts.w13, x.t().expand(n, -1, 1)).squeeze(-1)  # [n, 2Ig]
+            gate, up = h.chunk(2, dim=-1)  # [n, Ig] x2
+            z = torch.bmm(parts.w2, (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)  # [n, D]
+            y += (z.float() * weights[i:i + n, None].float()).sum(0)
+            i += n
+        return y[None].to(x.dtype)
+
+    def _per_unit(self, x: torch.Tensor, arena: torch.Tensor, rows: Sequence[int],
+                  weights: torch.Tensor) -> torch.Tensor:
+        parts = self.fmt.parts(arena)
+        y = torch.zeros(self.fmt.dim)
+        for r, w in zip(rows, weights.tolist()):
+            gate, up = torch.mv(parts.w13[r], x[0]).chunk(2)  # [Ig] x2
+            y += torch.mv(parts.w2[r], F.silu(gate) * up).float() * w
+        return y[None].to(x.dtype)
+
+
+_NATIVE = (torch.float32, torch.bfloat16)

@@ -1,0 +1,72 @@
+"""Build and load the small C kernel of the CPU expert path (`_swiglu_rows.c`), if a C compiler exists.
+
+Plain C loaded with ctypes, not a torch extension: it needs no torch headers, so it builds in about
+a second (a `load_inline` extension takes a minute), and ctypes releases the GIL during the call, so
+it runs in parallel with the thread that drives the GPU. Compiled with `-march=native` for the
+machine it runs on, into `<cache>/edgeprism/kernels/` keyed by source, flags, host and CPU. Without a
+compiler (or if the build fails) `load()` returns None and the torch path is used.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+from edgeprism.schedule.cost import default_cache_dir
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("_swiglu_rows.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-ffp-contract=fast")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _library_path() -> Path:
+    key = "\n".join((SOURCE.read_text(), " ".join(FLAGS), platform.node(), _cpu_model()))
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return default_cache_dir().parent / "kernels" / f"swiglu_rows-{digest}.so"
+
+
+@functools.cache
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel (built at first use), or None where it cannot be built."""
+    if os.environ.get("EDGEPRISM_NO_NATIVE"):
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        log.info("no C compiler: the CPU expert path uses torch ops")
+        return None
+    path = _library_path()
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}.so")
+        try:
+            subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"], check=True, capture_output=True,
+                           timeout=120)
+        except (OSError, subprocess.SubprocessError) as e:
+            detail = getattr(e, "stderr", b"") or b""
+            log.warning("building the CPU expert kernel failed (%s %s); using torch ops", e, detail.decode()[-500:])
+            return None
+        tmp.replace(path)
+    lib = ctypes.CDLL(str(path))
+    lib.swiglu_rows.restype = None
+    lib.swiglu_rows.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                ctypes.c_void_p, ctypes.c_int]
+    return lib

@@ -1,0 +1,263 @@
+"""Per layer, what to do with each routed unit: hit, wait for its copy, fetch, compute on the CPU, or drop.
+
+`plan` is a pure function over plain data (no tensors, no CUDA): the engine describes one layer's
+routed units (score mass, and whether each is resident, in flight with an expected ready time, or
+missing), gives the machine's `CostModel`, a quality floor `keep` and optionally a latency budget,
+and gets a `Plan`. Keeping it pure makes it testable against brute force and cheap to call 48 times
+a token.
+
+Timing model of one layer (seconds from the moment the routing is known):
+
+- copies serialise on one copy engine, which is busy until `copy_free_s` with copies already issued
+  (prefetches, possibly for later layers); a new fetch starts after them and costs `copy_unit_s`;
+- an in-flight unit that is waited for is ready at its `ready_s` (≤ `copy_free_s`: one FIFO engine);
+- the CPU path runs in parallel with copies: ``cpu_seconds(n)`` for its n units (one call);
+- the GPU computes the layer once everything it reads has landed and the CPU result is back:
+  ``latency = max(copy finish, CPU finish) + gpu_seconds(routed units)``. The GPU term is charged
+  for every routed unit whatever the plan, because the decode segment graph computes a fixed k·G
+  unit slots (dropped and CPU units ride along at weight 0); it sets the prediction, not the choice.
+
+Why the split of misses between PCIe and CPU is a count balance (identical unit sizes)
+--------------------------------------------------------------------------------------
+Every missing unit has the same copy price c and the same marginal CPU price b, so the latency of an
+assignment depends only on the *number* n of misses sent to the CPU, never on which ones: swapping a
+fetched and a CPU unit changes nothing. With m kept misses, of which at least one is fetched,
+
+    L(n) = max(copy(m − n), cpu(n)) + G,   copy(k) = max(W, F + k·c),   cpu(n) = a + n·b (cpu(0) = 0),
+
+with W the latest waited in-flight unit and F = `copy_free_s`. copy(m − n) is non-increasing in n
+and cpu(n) non-decreasing for n ≥ 1, so L is minimised where the two queues cross: at
+n* = ⌊(F + m·c − a) / (b + c)⌋ or n* + 1, at n = 0 (no CPU call at all), or — where W flattens the
+copy term — at the smallest n whose copy chain fits under W. Checking those few counts is exact;
+`tests/test_schedule.py` checks it against brute force over every assignment of small instances.
+With no fetch at all (n = m), copy finish is the latest in-flight unit that is waited for; the
+exchange argument again says which in-flight units to move to the CPU or drop: the latest-ready
+ones (ties: lower score first), so that case is a scan over how many of them leave the copy queue.
+
+Drops: dropping a missing (or CPU) unit saves the same time whichever it is, so for a given number
+of drops the lowest-score units go first; a plan's kept mass must stay ≥ keep × routed mass, at
+least one unit is kept, a resident unit is never dropped (it costs no transfer), and at keep = 1
+nothing is dropped. Without a budget the planner minimises latency, and among plans within 1e-9
+(relative) of the best keeps the most mass. With `budget_s` it keeps the most mass among plans that
+meet the budget (then the lowest latency); if none does, it returns the fastest plan and says so.
+Ties are broken by unit key, so a plan is a function of the set of units, not of their order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+from edgeprism.cache.keys import SubExpertKey
+from edgeprism.errors import InputError
+from edgeprism.schedule.cost import CostModel
+
+REL_TIE = 1e-9  # latencies this close (relative) count as equal: the plan that keeps more mass wins
+
+
+class Residency(Enum):
+    RESIDENT = "resident"
+    INFLIGHT = "inflight"
+    MISSING = "missing"
+
+
+class Action(str, Enum):
+    HIT = "hit"  # resident: compute from its slot
+    WAIT = "wait"  # in flight: compute once its copy lands
+    FETCH = "fetch"  # missing: copy it in, then compute on the GPU
+    CPU = "cpu"  # compute on the CPU from the host arena
+    DROP = "drop"  # skip it (its routing weight is lost)
+
+
+@dataclass(frozen=True)
+class RoutedUnit:
+    """One routed unit of the layer: its score mass (router weight × the group's share) and where it is."""
+
+    key: SubExpertKey
+    score: float
+    residency: Residency = Residency.MISSING
+    ready_s: float = 0.0  # in flight only: seconds from now until its copy lands
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The decision for each routed unit, with the predicted timing and the mass it keeps."""
+
+    actions: tuple[tuple[SubExpertKey, Action], ...]  # sorted by key
+    latency_s: float
+    copy_s: float  # when the last copy the layer needs lands
+    cpu_s: float  # when the CPU path finishes
+    gpu_s: float
+    kept_mass: float
+    total_mass: float
+    within_budget: bool  # True without a budget
+
+    def action(self, key: SubExpertKey) -> Action:
+        return dict(self.actions)[key]
+
+    def keys(self, action: Action) -> tuple[SubExpertKey, ...]:
+        return tuple(k for k, a in self.actions if a is action)
+
+    def count(self, action: Action) -> int:
+        return sum(a is action for _, a in self.actions)
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    latency: float
+    kept: float
+    copy_s: float
+    cpu_s: float
+    fetched: int  # -1: the no-fetch case, else how many kept misses are fetched
+    inflight_out: int  # no-fetch case: how many latest in-flight units leave the copy queue
+    drops: int
+
+
+def plan(units: Sequence[RoutedUnit], cost: CostModel, keep: float = 1.0, budget_s: float | None = None,
+         copy_free_s: float | None = None, allow_cpu: bool = True) -> Plan:
+    """The fastest plan keeping ≥ `keep` of the routed score mass (or, with `budget_s`, the one keeping
+    the most mass within the budget); `copy_free_s` defaults to the latest in-flight ready time."""
+    units = sorted(units, key=lambda u: u.key)
+    copy_free = _validate(units, keep, budget_s, copy_free_s)
+    total = math.fsum(u.score for u in units)
+    allow = 0.0 if keep >= 1.0 else total - keep * total  # mass that may be dropped
+    hits = [u for u in units if u.residency is Residency.RESIDENT]
+    missing = sorted((u for u in units if u.residency is Residency.MISSING), key=_drop_order)
+    inflight = sorted((u for u in units if u.residency is Residency.INFLIGHT),
+                      key=lambda u: (-u.ready_s, u.score, u.key))  # latest first: they leave the queue first
+    ctx = _Layer(cost, copy_free, allow, keep < 1.0, len(units), total, allow_cpu)
+    cands = list(ctx.fetch_cases(missing, inflight)) + list(ctx.nofetch_cases(missing, inflight))
+    best, within = _choose(cands, budget_s)
+    return _build(units, hits, missing, inflight, best, cost, total, within)
+
+
+def _validate(units: Sequence[RoutedUnit], keep: float, budget_s: float | None,
+              copy_free_s: float | None) -> float:
+    if not (0.0 < keep <= 1.0):
+        raise InputError(f"keep must be in (0, 1], got {keep}")
+    if budget_s is not None and not budget_s > 0:
+        raise InputError(f"budget_s must be positive, got {budget_s}")
+    if len({u.key for u in units}) != len(units):
+        raise InputError("a unit is routed twice in one layer's plan")
+    for u in units:
+        if not (u.score >= 0 and math.isfinite(u.score)):
+            raise InputError(f"unit {u.key}: score must be finite and ≥ 0, got {u.score}")
+        if not (u.ready_s >= 0 and math.isfinite(u.ready_s)):
+            raise InputError(f"unit {u.key}: ready_s must be finite and ≥ 0, got {u.ready_s}")
+    latest = max((u.ready_s for u in units if u.residency is Residency.INFLIGHT), default=0.0)
+    if copy_free_s is None:
+        return latest
+    if not (copy_free_s >= latest and math.isfinite(copy_free_s)):
+        raise InputError(f"copy_free_s={copy_free_s} is before an in-flight copy of this layer lands "
+                         f"({latest}): one copy engine finishes its copies in order")
+    return copy_free_s
+
+
+def _drop_order(u: RoutedUnit) -> tuple[float, SubExpertKey]:
+    return (u.score, u.key)
+
+
+def _prefix(units: Iterable[RoutedUnit]) -> list[float]:
+    out = [0.0]
+    for u in units:
+        out.append(out[-1] + u.score)
+    return out
+
+
+@dataclass(frozen=True)
+class _Layer:
+    cost: CostModel
+    copy_free: float
+    allow: float  # droppable mass
+    may_drop: bool
+    n_units: int
+    total: float
+    allow_cpu: bool
+
+    def max_drops(self, prefix: list[float]) -> int:
+        """How many of a pool's lowest-score units may go (prefix: cumulative score in drop order)."""
+        if not self.may_drop:
+            return 0
+        d = 0
+        while d + 1 < len(prefix) and prefix[d + 1] <= self.allow and self.n_units - (d + 1) >= 1:
+            d += 1
+        return d
+
+    def fetch_cases(self, missing: list[RoutedUnit], inflight: list[RoutedUnit]) -> Iterator[_Candidate]:
+        """At least one miss is fetched: every in-flight unit is waited for (its copy is ahead in the
+        queue, so waiting is free); d lowest misses dropped, the rest balanced between PCIe and CPU."""
+        prefix = _prefix(missing)
+        waited = max((u.ready_s for u in inflight), default=0.0)
+        for d in range(min(self.max_drops(prefix), len(missing) - 1) + 1):
+            kept = len(missing) - d
+            n_cpu, copy_s, cpu_s = self.split(kept, waited)
+            yield _Candidate(max(copy_s, cpu_s), self.total - prefix[d], copy_s, cpu_s, kept - n_cpu, 0, d)
+
+    def split(self, m: int, waited: float) -> tuple[int, float, float]:
+        """Best count n of m misses (≥ 1 fetched) on the CPU: (n, copy finish, CPU finish)."""
+        c, a, b, F = self.cost.copy_unit_s, self.cost.cpu_call_s, self.cost.cpu_unit_s, self.copy_free
+        counts = {0}
+        if self.allow_cpu and m > 1:
+            cross = (F + m * c - a) / (b + c)
+            flat = m - math.floor((waited - F) / c) if c > 0 and waited > F else m  # copy chain under W
+            counts |= {1, m - 1, *(min(max(int(v), 0), m - 1) for v in (math.floor(cross), math.ceil(cross), flat))}
+        best = None
+        for n in sorted(counts):
+            copy_s, cpu_s = max(waited, F + (m - n) * c), self.cost.cpu_seconds(n)
+            if best is None or max(copy_s, cpu_s) < max(best[1], best[2]):
+                best = (n, copy_s, cpu_s)
+        assert best is not None
+        return best
+
+    def nofetch_cases(self, missing: list[RoutedUnit], inflight: list[RoutedUnit]) -> Iterator[_Candidate]:
+        """Nothing fetched: the j latest in-flight units leave the copy queue and join the misses in
+        a pool that the CPU computes, lowest scores dropped first."""
+        for j in range(len(inflight) + 1):
+            pool = sorted(missing + inflight[:j], key=_drop_order)
+            prefix = _prefix(pool)
+            copy_s = inflight[j].ready_s if j < len(inflight) else 0.0
+            for d in range(self.max_drops(prefix) + 1):
+                n_cpu = len(pool) - d
+                if n_cpu and not self.allow_cpu:
+                    continue
+                cpu_s = self.cost.cpu_seconds(n_cpu)
+                yield _Candidate(max(copy_s, cpu_s), self.total - prefix[d], copy_s, cpu_s, -1, j, d)
+
+
+def _close(a: float, b: float) -> bool:
+    return a <= b + REL_TIE * max(abs(b), 1e-12)
+
+
+def _choose(cands: list[_Candidate], budget_s: float | None) -> tuple[_Candidate, bool]:
+    """Fastest (then most mass), or with a budget the most mass within it (then fastest); candidates
+    come in a deterministic order and the first of equals wins."""
+    feasible = [c for c in cands if budget_s is not None and _close(c.latency, budget_s)]
+    if feasible:
+        top = max(c.kept for c in feasible)
+        return min((c for c in feasible if c.kept >= top), key=lambda c: c.latency), True
+    fastest = min(c.latency for c in cands)
+    near = [c for c in cands if _close(c.latency, fastest)]
+    top = max(c.kept for c in near)
+    return min((c for c in near if c.kept >= top), key=lambda c: c.latency), budget_s is None
+
+
+def _build(units: list[RoutedUnit], hits: list[RoutedUnit], missing: list[RoutedUnit],
+           inflight: list[RoutedUnit], best: _Candidate, cost: CostModel, total: float, within: bool) -> Plan:
+    acts = {u.key: Action.HIT for u in hits}
+    if best.fetched >= 0:
+        acts.update((u.key, Action.WAIT) for u in inflight)
+        acts.update((u.key, Action.DROP) for u in missing[:best.drops])
+        kept = sorted(u.key for u in missing[best.drops:])
+        # adjacent keys are adjacent host rows: fetches coalesce, and the CPU path reads runs of rows
+        acts.update((k, Action.FETCH if i < best.fetched else Action.CPU) for i, k in enumerate(kept))
+    else:
+        j = best.inflight_out
+        acts.update((u.key, Action.WAIT) for u in inflight[j:])
+        pool = sorted(missing + inflight[:j], key=_drop_order)
+        acts.update((u.key, Action.DROP if i < best.drops else Action.CPU) for i, u in enumerate(pool))
+    gpu_s = cost.gpu_seconds(len(units))
+    kept_mass = math.fsum(u.score for u in units if acts[u.key] is not Action.DROP)
+    return Plan(tuple((u.key, acts[u.key]) for u in units), best.latency + gpu_s, best.copy_s, best.cpu_s,
+                gpu_s, kept_mass, total, within)
