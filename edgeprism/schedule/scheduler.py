@@ -39,7 +39,8 @@ of drops the lowest-score units go first; a plan's kept mass must stay ≥ keep 
 least one unit is kept, a resident unit is never dropped (it costs no transfer), and at keep = 1
 nothing is dropped. Without a budget the planner minimises latency, and among plans within 1e-9
 (relative) of the best keeps the most mass. With `budget_s` it keeps the most mass among plans that
-meet the budget (then the lowest latency); if none does, it returns the fastest plan and says so.
+meet the budget (then the fewest drops, then the lowest latency); if none does, it returns the
+fastest plan and says so.
 Ties are broken by unit key, so a plan is a function of the set of units, not of their order.
 """
 
@@ -127,7 +128,7 @@ def plan(units: Sequence[RoutedUnit], cost: CostModel, keep: float = 1.0, budget
     missing = sorted((u for u in units if u.residency is Residency.MISSING), key=_drop_order)
     inflight = sorted((u for u in units if u.residency is Residency.INFLIGHT),
                       key=lambda u: (-u.ready_s, u.score, u.key))  # latest first: they leave the queue first
-    ctx = _Layer(cost, copy_free, allow, keep < 1.0, len(units), total, allow_cpu)
+    ctx = _Layer(cost, copy_free, allow, keep < 1.0, len(units), total, allow_cpu, cost.gpu_seconds(len(units)))
     cands = list(ctx.fetch_cases(missing, inflight)) + list(ctx.nofetch_cases(missing, inflight))
     best, within = _choose(cands, budget_s)
     return _build(units, hits, missing, inflight, best, cost, total, within)
@@ -175,6 +176,7 @@ class _Layer:
     n_units: int
     total: float
     allow_cpu: bool
+    gpu_s: float  # the same for every plan; part of each candidate's latency so budgets compare right
 
     def max_drops(self, prefix: list[float]) -> int:
         """How many of a pool's lowest-score units may go (prefix: cumulative score in drop order)."""
@@ -193,7 +195,7 @@ class _Layer:
         for d in range(min(self.max_drops(prefix), len(missing) - 1) + 1):
             kept = len(missing) - d
             n_cpu, copy_s, cpu_s = self.split(kept, waited)
-            yield _Candidate(max(copy_s, cpu_s), self.total - prefix[d], copy_s, cpu_s, kept - n_cpu, 0, d)
+            yield _Candidate(max(copy_s, cpu_s) + self.gpu_s, self.total - prefix[d], copy_s, cpu_s, kept - n_cpu, 0, d)
 
     def split(self, m: int, waited: float) -> tuple[int, float, float]:
         """Best count n of m misses (≥ 1 fetched) on the CPU: (n, copy finish, CPU finish)."""
@@ -223,7 +225,7 @@ class _Layer:
                 if n_cpu and not self.allow_cpu:
                     continue
                 cpu_s = self.cost.cpu_seconds(n_cpu)
-                yield _Candidate(max(copy_s, cpu_s), self.total - prefix[d], copy_s, cpu_s, -1, j, d)
+                yield _Candidate(max(copy_s, cpu_s) + self.gpu_s, self.total - prefix[d], copy_s, cpu_s, -1, j, d)
 
 
 def _close(a: float, b: float) -> bool:
@@ -234,9 +236,9 @@ def _choose(cands: list[_Candidate], budget_s: float | None) -> tuple[_Candidate
     """Fastest (then most mass), or with a budget the most mass within it (then fastest); candidates
     come in a deterministic order and the first of equals wins."""
     feasible = [c for c in cands if budget_s is not None and _close(c.latency, budget_s)]
-    if feasible:
+    if feasible:  # the budget is met: drop nothing more than needed, not even zero-score units
         top = max(c.kept for c in feasible)
-        return min((c for c in feasible if c.kept >= top), key=lambda c: c.latency), True
+        return min((c for c in feasible if c.kept >= top), key=lambda c: (c.drops, c.latency)), True
     fastest = min(c.latency for c in cands)
     near = [c for c in cands if _close(c.latency, fastest)]
     top = max(c.kept for c in near)
@@ -257,7 +259,6 @@ def _build(units: list[RoutedUnit], hits: list[RoutedUnit], missing: list[Routed
         acts.update((u.key, Action.WAIT) for u in inflight[j:])
         pool = sorted(missing + inflight[:j], key=_drop_order)
         acts.update((u.key, Action.DROP if i < best.drops else Action.CPU) for i, u in enumerate(pool))
-    gpu_s = cost.gpu_seconds(len(units))
     kept_mass = math.fsum(u.score for u in units if acts[u.key] is not Action.DROP)
-    return Plan(tuple((u.key, acts[u.key]) for u in units), best.latency + gpu_s, best.copy_s, best.cpu_s,
-                gpu_s, kept_mass, total, within)
+    return Plan(tuple((u.key, acts[u.key]) for u in units), best.latency, best.copy_s, best.cpu_s,
+                cost.gpu_seconds(len(units)), kept_mass, total, within)

@@ -1,0 +1,115 @@
+"""The CPU expert path equals the GPU path's math (`moe/kernels.grouped_swiglu`) on host-arena rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgeprism.cache.host_store import HostStore
+from edgeprism.errors import InputError
+from edgeprism.moe.kernels import grouped_swiglu
+from edgeprism.moe.quant import make_format
+from edgeprism.schedule import native
+from edgeprism.schedule.cpu_experts import CpuExperts, default_threads, runs
+
+torch.set_num_threads(1)
+D, I, E = 64, 48, 8
+IMPLS = [pytest.param("native", marks=pytest.mark.skipif(native.load() is None, reason="no C compiler")),
+         "torch", "unit"]
+ROWS = {1: [[4]], 3: [[0, 1, 2], [5, 1, 3]], 8: [[0, 1, 2, 3, 4, 5, 6, 7], [7, 2, 3, 5, 0, 4, 6, 1],
+                                                [15, 2, 3, 9, 0, 12, 6, 1]]}  # runs, any order, far rows
+
+
+def store(dtype: torch.dtype, groups: int, expert_dtype: str | None = None) -> HostStore:
+    fmt = make_format(expert_dtype, D, I // groups, dtype)
+    s = HostStore([0], E, groups, D, I, dtype, pin=False, fmt=fmt)
+    g = torch.Generator().manual_seed(groups)
+    for e in range(E):
+        w1, w3 = (torch.randn(I, D, generator=g) * 0.2 for _ in range(2))
+        s.fill_expert(0, e, w1, w3, torch.randn(D, I, generator=g) * 0.2)
+    return s
+
+
+def reference(s: HostStore, x: torch.Tensor, rows: list[int], weights: torch.Tensor) -> torch.Tensor:
+    idx = torch.tensor(rows)
+    w13, w2 = s.format.dequantize(s.format.parts(s.arenas[0]), idx)
+    return grouped_swiglu(x, w13, w2, torch.arange(len(rows)), torch.zeros(len(rows), dtype=torch.long), weights)
+
+
+def tolerance(dtype: torch.dtype, ref: torch.Tensor) -> float:
+    return (1e-5 if dtype == torch.float32 else 2e-2) * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("count", [1, 3, 8])
+def test_equals_gpu_path(impl: str, dtype: torch.dtype, groups: int, count: int) -> None:
+    s = store(dtype, groups)
+    path = CpuExperts(s.format, threads=1, impl=impl)
+    x = torch.randn(1, D).to(dtype)
+    for rows in ROWS[count]:
+        if max(rows) >= E * groups:
+            continue
+        weights = torch.rand(len(rows))
+        ref = reference(s, x, rows, weights)
+        y = path(x, s.arenas[0], rows, weights)
+        assert y.shape == (1, D) and y.dtype == dtype
+        torch.testing.assert_close(y.float(), ref.float(), atol=tolerance(dtype, ref), rtol=0)
+
+
+def test_all_groups_reproduce_the_expert() -> None:
+    s1, s2 = store(torch.float32, 1), store(torch.float32, 2)
+    s2.arenas[0].copy_(_regroup(s1, 2))
+    x, w = torch.randn(1, D), torch.tensor([0.7])
+    whole = CpuExperts(s1.format, 1)(x, s1.arenas[0], [3], w)
+    split = CpuExperts(s2.format, 1)(x, s2.arenas[0], [6, 7], torch.tensor([0.7, 0.7]))
+    torch.testing.assert_close(split, whole, atol=1e-5, rtol=1e-5)
+
+
+def _regroup(s: HostStore, groups: int) -> torch.Tensor:
+    """s's experts (G = 1) re-cut into `groups` units each, as HostStore.fill_expert lays them out."""
+    out = HostStore([0], E, groups, D, I, torch.float32, pin=False)
+    parts = s.format.parts(s.arenas[0])
+    for e in range(E):
+        w1, w3 = parts.w13[e].chunk(2)
+        out.fill_expert(0, e, w1, w3, parts.w2[e])
+    return out.arenas[0]
+
+
+def test_int8_rows_through_their_format() -> None:
+    s = store(torch.float32, 2, "int8")
+    path = CpuExperts(s.format, threads=1)
+    assert path.impl == "format"
+    x, rows, w = torch.randn(1, D), [1, 2, 9], torch.rand(3)
+    ref = reference(s, x, rows, w)
+    torch.testing.assert_close(path(x, s.arenas[0], rows, w), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_submit_runs_on_a_worker_thread() -> None:
+    s = store(torch.float32, 1)
+    path = CpuExperts(s.format, threads=1)
+    x, w = torch.randn(1, D), torch.rand(2)
+    try:
+        torch.testing.assert_close(path.submit(x, s.arenas[0], [1, 4], w).result(), path(x, s.arenas[0], [1, 4], w))
+    finally:
+        path.close()
+
+
+def test_runs_threads_and_bad_inputs() -> None:
+    assert runs([3, 4, 5, 9, 10, 2]) == [(3, 3), (9, 2), (2, 1)]
+    assert default_threads() >= 1
+    s = store(torch.float32, 1)
+    with pytest.raises(InputError):
+        CpuExperts(s.format, threads=0)
+    with pytest.raises(InputError):
+        CpuExperts(s.format, impl="gpu")
+    path = CpuExperts(s.format, threads=1)
+    with pytest.raises(InputError):
+        path(torch.randn(2, D), s.arenas[0], [0], torch.ones(1))
+    with pytest.raises(InputError):
+        path(torch.randn(1, D), s.arenas[0], [0, 1], torch.ones(1))
+    assert path(torch.randn(1, D), s.arenas[0], [], torch.ones(0)).abs().sum() == 0
+    if path.impl == "native":
+        with pytest.raises(InputError):
+            path(torch.randn(1, D), s.arenas[0], [E], torch.ones(1))
