@@ -11,16 +11,21 @@ import torch
 from edgeprism.errors import InputError
 from edgeprism.moe.quant import make_format
 from edgeprism.schedule import cost as costmod
-from edgeprism.schedule.cost import CostModel, cache_path, load_or_calibrate, machine_key
+from edgeprism.schedule.cost import (
+    CostModel,
+    cache_path,
+    load_or_calibrate,
+    machine_key,
+)
 
 torch.set_num_threads(1)
 MiB = 1 << 20
 
 
 def model(**kw: object) -> CostModel:
-    args = dict(unit_bytes=4 * MiB, h2d_latency_s=10e-6, h2d_sizes=(256 * 1024, MiB, 4 * MiB, 16 * MiB),
-                h2d_bytes_per_s=(18.8e9, 36.6e9, 48.8e9, 53e9), cpu_call_s=50e-6, cpu_bytes_per_s=80e9,
-                gpu_call_s=10e-6, gpu_unit_s=2e-6)
+    args = {"unit_bytes": 4 * MiB, "h2d_latency_s": 10e-6, "h2d_sizes": (256 * 1024, MiB, 4 * MiB, 16 * MiB),
+                "h2d_bytes_per_s": (18.8e9, 36.6e9, 48.8e9, 53e9), "cpu_call_s": 50e-6, "cpu_bytes_per_s": 80e9,
+                "gpu_call_s": 10e-6, "gpu_unit_s": 2e-6}
     args.update(kw)
     return CostModel(**args)  # type: ignore[arg-type]
 
@@ -39,9 +44,9 @@ def test_formulas() -> None:
     assert m.gpu_seconds(0) == 0.0 and m.gpu_seconds(8) == pytest.approx(26e-6)
 
 
-@pytest.mark.parametrize("bad", [dict(unit_bytes=0), dict(h2d_sizes=(2, 1), h2d_bytes_per_s=(1.0, 1.0)),
-                                 dict(h2d_sizes=(), h2d_bytes_per_s=()), dict(cpu_bytes_per_s=0.0),
-                                 dict(h2d_latency_s=-1.0), dict(gpu_unit_s=float("nan"))])
+@pytest.mark.parametrize("bad", [{"unit_bytes": 0}, {"h2d_sizes": (2, 1), "h2d_bytes_per_s": (1.0, 1.0)},
+                                 {"h2d_sizes": (), "h2d_bytes_per_s": ()}, {"cpu_bytes_per_s": 0.0},
+                                 {"h2d_latency_s": -1.0}, {"gpu_unit_s": float("nan")}])
 def test_bad_models_raise(bad: dict) -> None:
     with pytest.raises(InputError):
         model(**bad)

@@ -69,7 +69,8 @@ class CpuExperts:
         if impl == "native" and lib is None:
             raise InputError("the native CPU expert kernel is unavailable (no C compiler, or not a bf16/fp32 "
                              "dense format); use impl='torch'")
-        self.impl = "native" if lib is not None else ("format" if not dense else ("unit" if impl == "unit" else "torch"))
+        fallback = "format" if not dense else ("unit" if impl == "unit" else "torch")
+        self.impl = "native" if lib is not None else fallback
         self._lib = lib
         self._pool: ThreadPoolExecutor | None = None
 

@@ -47,7 +47,7 @@ Ties are broken by unit key, so a plan is a function of the set of units, not of
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -125,10 +125,15 @@ def plan(units: Sequence[RoutedUnit], cost: CostModel, keep: float = 1.0, budget
     total = math.fsum(u.score for u in units)
     allow = 0.0 if keep >= 1.0 else total - keep * total  # mass that may be dropped
     hits = [u for u in units if u.residency is Residency.RESIDENT]
+    if len(hits) == len(units):  # the steady state of a warm cache: nothing to decide
+        gpu_s = cost.gpu_seconds(len(units))
+        return Plan(tuple((u.key, Action.HIT) for u in units), gpu_s, 0.0, 0.0, gpu_s, total, total,
+                    budget_s is None or _close(gpu_s, budget_s))
     missing = sorted((u for u in units if u.residency is Residency.MISSING), key=_drop_order)
     inflight = sorted((u for u in units if u.residency is Residency.INFLIGHT),
                       key=lambda u: (-u.ready_s, u.score, u.key))  # latest first: they leave the queue first
-    ctx = _Layer(cost, copy_free, allow, keep < 1.0, len(units), total, allow_cpu, cost.gpu_seconds(len(units)))
+    ctx = _Layer(cost.copy_unit_s, cost.cpu_call_s, cost.cpu_unit_s, copy_free, allow, keep < 1.0, len(units), total,
+                 allow_cpu, cost.gpu_seconds(len(units)), budget_s)
     cands = list(ctx.fetch_cases(missing, inflight)) + list(ctx.nofetch_cases(missing, inflight))
     best, within = _choose(cands, budget_s)
     return _build(units, hits, missing, inflight, best, cost, total, within)
@@ -169,14 +174,22 @@ def _prefix(units: Iterable[RoutedUnit]) -> list[float]:
 
 @dataclass(frozen=True)
 class _Layer:
-    cost: CostModel
-    copy_free: float
+    copy_unit: float  # c: one fetch
+    cpu_call: float  # a: the CPU call's fixed cost
+    cpu_unit: float  # b: one more unit on the CPU
+    copy_free: float  # F
     allow: float  # droppable mass
     may_drop: bool
     n_units: int
     total: float
     allow_cpu: bool
     gpu_s: float  # the same for every plan; part of each candidate's latency so budgets compare right
+    budget: float | None
+
+    def cpu(self, n: int) -> float:
+        if n == 0:
+            return 0.0
+        return self.cpu_call + n * self.cpu_unit if self.allow_cpu else math.inf
 
     def max_drops(self, prefix: list[float]) -> int:
         """How many of a pool's lowest-score units may go (prefix: cumulative score in drop order)."""
@@ -187,45 +200,73 @@ class _Layer:
             d += 1
         return d
 
+    def drop_counts(self, latency_of: Callable[[int], float], dmax: int) -> list[int]:
+        """The drop counts of one case that can win. Its latency never rises with more drops and its
+        kept mass falls, so only these can: the fewest drops reaching the case's best latency, the
+        most drops, and the fewest drops meeting the budget."""
+        best = latency_of(dmax)
+        out = {dmax}
+        need_best, need_budget = True, self.budget is not None
+        for d in range(dmax):
+            if not (need_best or need_budget):
+                break
+            lat = latency_of(d)
+            if need_best and _close(lat, best):
+                out.add(d)
+                need_best = False
+            if need_budget and _close(lat, self.budget):  # type: ignore[arg-type]
+                out.add(d)
+                need_budget = False
+        return sorted(out)
+
     def fetch_cases(self, missing: list[RoutedUnit], inflight: list[RoutedUnit]) -> Iterator[_Candidate]:
         """At least one miss is fetched: every in-flight unit is waited for (its copy is ahead in the
         queue, so waiting is free); d lowest misses dropped, the rest balanced between PCIe and CPU."""
+        if not missing:
+            return
         prefix = _prefix(missing)
         waited = max((u.ready_s for u in inflight), default=0.0)
-        for d in range(min(self.max_drops(prefix), len(missing) - 1) + 1):
-            kept = len(missing) - d
-            n_cpu, copy_s, cpu_s = self.split(kept, waited)
-            yield _Candidate(max(copy_s, cpu_s) + self.gpu_s, self.total - prefix[d], copy_s, cpu_s, kept - n_cpu, 0, d)
+        splits = {}
+
+        def latency_of(d: int) -> float:
+            splits[d] = self.split(len(missing) - d, waited)
+            return max(splits[d][1], splits[d][2]) + self.gpu_s
+
+        for d in self.drop_counts(latency_of, min(self.max_drops(prefix), len(missing) - 1)):
+            n_cpu, copy_s, cpu_s = splits[d] if d in splits else self.split(len(missing) - d, waited)
+            yield _Candidate(max(copy_s, cpu_s) + self.gpu_s, self.total - prefix[d], copy_s, cpu_s,
+                             len(missing) - d - n_cpu, 0, d)
 
     def split(self, m: int, waited: float) -> tuple[int, float, float]:
         """Best count n of m misses (≥ 1 fetched) on the CPU: (n, copy finish, CPU finish)."""
-        c, a, b, F = self.cost.copy_unit_s, self.cost.cpu_call_s, self.cost.cpu_unit_s, self.copy_free
+        c, a, b, F = self.copy_unit, self.cpu_call, self.cpu_unit, self.copy_free
         counts = {0}
         if self.allow_cpu and m > 1:
             cross = (F + m * c - a) / (b + c)
             flat = m - math.floor((waited - F) / c) if c > 0 and waited > F else m  # copy chain under W
             counts |= {1, m - 1, *(min(max(int(v), 0), m - 1) for v in (math.floor(cross), math.ceil(cross), flat))}
-        best = None
+        best = (0, max(waited, F + m * c), 0.0)
         for n in sorted(counts):
-            copy_s, cpu_s = max(waited, F + (m - n) * c), self.cost.cpu_seconds(n)
-            if best is None or max(copy_s, cpu_s) < max(best[1], best[2]):
+            copy_s, cpu_s = max(waited, F + (m - n) * c), self.cpu(n)
+            if max(copy_s, cpu_s) < max(best[1], best[2]):
                 best = (n, copy_s, cpu_s)
-        assert best is not None
         return best
 
     def nofetch_cases(self, missing: list[RoutedUnit], inflight: list[RoutedUnit]) -> Iterator[_Candidate]:
         """Nothing fetched: the j latest in-flight units leave the copy queue and join the misses in
         a pool that the CPU computes, lowest scores dropped first."""
         for j in range(len(inflight) + 1):
-            pool = sorted(missing + inflight[:j], key=_drop_order)
+            pool = sorted(missing + inflight[:j], key=_drop_order) if j else missing  # j is small
             prefix = _prefix(pool)
             copy_s = inflight[j].ready_s if j < len(inflight) else 0.0
-            for d in range(self.max_drops(prefix) + 1):
-                n_cpu = len(pool) - d
-                if n_cpu and not self.allow_cpu:
-                    continue
-                cpu_s = self.cost.cpu_seconds(n_cpu)
-                yield _Candidate(max(copy_s, cpu_s) + self.gpu_s, self.total - prefix[d], copy_s, cpu_s, -1, j, d)
+
+            def latency_of(d: int) -> float:
+                return max(copy_s, self.cpu(len(pool) - d)) + self.gpu_s  # noqa: B023 - used in this iteration
+
+            for d in self.drop_counts(latency_of, self.max_drops(prefix)):
+                cpu_s = self.cpu(len(pool) - d)
+                if cpu_s < math.inf:
+                    yield _Candidate(max(copy_s, cpu_s) + self.gpu_s, self.total - prefix[d], copy_s, cpu_s, -1, j, d)
 
 
 def _close(a: float, b: float) -> bool:
