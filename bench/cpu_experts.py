@@ -1,6 +1,6 @@
 """The CPU expert path's effective read bandwidth, Qwen3-30B-A3B units (D 2048, Ig 768), batch 1.
 
-    python3 bench/cpu_experts.py --out FILE [--threads N] [--arena-gb 4] [--iters 20]
+    python3 bench/cpu_experts.py --out FILE [--threads N [N ...]] [--arena-gb 4] [--iters 20]
 
 One decode layer = 8 units computed by `schedule.cpu_experts.CpuExperts` in one call, for bf16 and
 fp32 rows and each implementation (`native` C kernel, `torch` strided bmm over runs of rows, `unit`
@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
+import os
 import platform
 import sys
 import time
@@ -87,14 +89,13 @@ def bench(dtype: torch.dtype, impl: str, layout: str, arena: torch.Tensor, threa
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="JSON file to write")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores - 1)")
+    p.add_argument("--threads", type=int, nargs="+", default=None, help="CPU threads, one run each (default: CPUs - 1)")
     p.add_argument("--arena-gb", type=float, default=4.0, help="bytes of rows to rotate over, per dtype")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"])
     p.add_argument("--impls", nargs="+", default=["native", "torch", "unit"])
     args = p.parse_args()
-    threads = args.threads or default_threads()
-    torch.set_num_threads(threads)
+    thread_counts = args.threads or [default_threads()]
     records: list[dict[str, Any]] = []
     for name in args.dtypes:
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
@@ -103,18 +104,19 @@ def main() -> None:
         arena = torch.empty(rows, 3 * D * IG, dtype=dtype)
         for i in range(0, rows, 64):  # fill in slices: no fp32 temporary of the whole arena
             arena[i:i + 64].normal_(0, 0.02)
-        stream = read_bandwidth(arena, args.iters)
-        for impl in args.impls:
-            if impl == "native" and native.load() is None:
-                continue
-            for layout in ("adjacent", "scattered"):
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            stream = read_bandwidth(arena, args.iters)
+            for impl, layout in itertools.product(args.impls, ("adjacent", "scattered")):
+                if impl == "native" and native.load() is None:
+                    continue
                 rec = bench(dtype, impl, layout, arena, threads, args.iters)
                 rec["torch_read_gb_s"] = stream / 1e9
                 records.append(rec)
                 print(json.dumps(rec), file=sys.stderr, flush=True)
         del arena
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "host": platform.node(),
-            "torch": torch.__version__, "threads": threads, "arena_gb": args.arena_gb, "iters": args.iters,
+            "torch": torch.__version__, "threads": thread_counts, "cpus": os.cpu_count(), "arena_gb": args.arena_gb, "iters": args.iters,
             "command": " ".join(sys.argv)}
     Path(args.out).write_text(json.dumps({"meta": meta, "records": records}, indent=1))
 

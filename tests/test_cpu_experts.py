@@ -77,11 +77,13 @@ def _regroup(s: HostStore, groups: int) -> torch.Tensor:
     return out.arenas[0]
 
 
-def test_int8_rows_through_their_format() -> None:
-    s = store(torch.float32, 2, "int8")
-    path = CpuExperts(s.format, threads=1)
-    assert path.impl == "format"
-    x, rows, w = torch.randn(1, D), [1, 2, 9], torch.rand(3)
+@pytest.mark.parametrize("impl", IMPLS[:2])  # native, or the format's own cpu_grouped
+@pytest.mark.parametrize("expert_dtype", ["int8", "bf16"])  # quantized rows; bf16 rows computed in fp32
+def test_stored_formats(impl: str, expert_dtype: str) -> None:
+    s = store(torch.float32, 2, expert_dtype)
+    path = CpuExperts(s.format, threads=1, impl=impl)
+    assert path.impl == ("native" if impl == "native" else "format")
+    x, rows, w = torch.randn(1, D), [1, 2, 9, 15], torch.rand(4)
     ref = reference(s, x, rows, w)
     torch.testing.assert_close(path(x, s.arenas[0], rows, w), ref, atol=1e-4, rtol=1e-4)
 

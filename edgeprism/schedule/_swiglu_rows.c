@@ -1,7 +1,9 @@
 /* The CPU expert path: a layer's units straight from the host arena, one call, every row of the
  * arena reachable (no gather). Built at first use by edgeprism/schedule/native.py; see cpu_experts.py.
  *
- * Unit row layout (moe/kernels.py): [w1 (Ig x D) | w3 (Ig x D) | w2 (D x Ig)], fp32 or bf16.
+ * A unit row holds w13 = [w1; w3] (2Ig x D) at byte offset off13 and w2 (D x Ig) at off2, as fp32,
+ * bf16 or int8 (kind 0/1/2; moe/kernels.py and moe/quant.py Int8Format). int8 rows also hold one fp32
+ * scale per output channel: s13 [2Ig] at off_s13, s2 [D] at off_s2 (w = q * s).
  * Phase 1, parallel over (unit, neuron): act[i, j] = w[i] * silu(w1_j . x) * (w3_j . x)   (fp32)
  * Phase 2, parallel over output d:       y[d] = sum_i sum_j w2_i[d, j] * act[i, j]        (fp32)
  * Both phases stream the weights once, in order; accumulation is fp32 whatever the storage.
@@ -43,30 +45,48 @@ static inline float dot_bf16(const uint16_t *a, const float *x, int n) {
     return s;
 }
 
-static inline float dot_any(const void *row, int bf16, int64_t offset, const float *x, int n) {
-    return bf16 ? dot_bf16((const uint16_t *)row + offset, x, n) : dot_f32((const float *)row + offset, x, n);
+static inline float dot_i8(const int8_t *a, const float *x, int n) {
+    float acc[LANES] = {0};
+    int k = 0;
+    for (; k + LANES <= n; k += LANES)
+        for (int l = 0; l < LANES; l++) acc[l] += (float)a[k + l] * x[k + l];
+    float s = 0.f;
+    for (; k < n; k++) s += (float)a[k] * x[k];
+    for (int l = 0; l < LANES; l++) s += acc[l];
+    return s;
 }
 
-/* arena: first element of row 0; rows[n]: which rows; w[n]: unit weights; x[D]; act: [n * Ig]
- * workspace; y[D] output (overwritten). */
-void swiglu_rows(const void *arena, int bf16, int64_t row_numel, const int64_t *rows, const float *w, int n,
-                 int D, int Ig, const float *x, float *act, float *y, int threads) {
-    const int64_t esize = bf16 ? 2 : 4;
-    const char *base = (const char *)arena;
+/* row . x over n elements of a row of `kind`, starting at element `at` of the part at `part` */
+static inline float dot_any(const char *part, int kind, int64_t at, const float *x, int n) {
+    if (kind == 0) return dot_f32((const float *)part + at, x, n);
+    if (kind == 1) return dot_bf16((const uint16_t *)part + at, x, n);
+    return dot_i8((const int8_t *)part + at, x, n);
+}
+
+/* arena: row 0; rows[n]: which rows; w[n]: unit weights; x[D]; act: [n * Ig] workspace; y[D] output. */
+void swiglu_rows(const char *arena, int kind, int64_t row_bytes, int64_t off13, int64_t off2, int64_t off_s13,
+                 int64_t off_s2, const int64_t *rows, const float *w, int n, int D, int Ig, const float *x,
+                 float *act, float *y, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < (int64_t)n * Ig; t++) {
         int i = (int)(t / Ig), j = (int)(t % Ig);
-        const void *row = base + rows[i] * row_numel * esize;
-        float g = dot_any(row, bf16, (int64_t)j * D, x, D);
-        float u = dot_any(row, bf16, (int64_t)(Ig + j) * D, x, D);
+        const char *row = arena + rows[i] * row_bytes;
+        float g = dot_any(row + off13, kind, (int64_t)j * D, x, D);
+        float u = dot_any(row + off13, kind, (int64_t)(Ig + j) * D, x, D);
+        if (kind == 2) {
+            const float *s13 = (const float *)(row + off_s13);
+            g *= s13[j];
+            u *= s13[Ig + j];
+        }
         act[t] = w[i] * (g / (1.f + expf(-g))) * u;
     }
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int d = 0; d < D; d++) {
         float acc = 0.f;
         for (int i = 0; i < n; i++) {
-            const void *row = base + rows[i] * row_numel * esize;
-            acc += dot_any(row, bf16, 2 * (int64_t)Ig * D + (int64_t)d * Ig, act + (int64_t)i * Ig, Ig);
+            const char *row = arena + rows[i] * row_bytes;
+            float part = dot_any(row + off2, kind, (int64_t)d * Ig, act + (int64_t)i * Ig, Ig);
+            acc += kind == 2 ? part * ((const float *)(row + off_s2))[d] : part;
         }
         y[d] = acc;
     }

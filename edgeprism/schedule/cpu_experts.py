@@ -7,14 +7,14 @@ on the GPU. Getting there takes one call per layer, not one per unit: torch's pe
 of the same math (`moe/kernels.grouped_swiglu`), chosen by `impl`:
 
 - ``native`` (default where a C compiler exists): `_swiglu_rows.c`, one OpenMP call over any set of
-  arena rows, fp32 accumulation, bf16 or fp32 rows read in place;
+  arena rows, fp32 accumulation, fp32, bf16 or int8 (`Int8Format`) rows read in place;
 - ``torch``: maximal runs of adjacent rows (a planner's CPU units are key-ordered, so an expert's
   groups form one run) as strided views, one `bmm` per projection per run — no gather copy;
 - ``unit``: one `mv` per projection per unit (the baseline the others must beat).
 
-Quantized rows go through their format's own `cpu_grouped` (int8: torch's packed int8 GEMV per unit).
+Other rows (fp16, int4; int8 without a compiler) go through their format's own `cpu_grouped`.
 
-Threads: `max(1, cores − 1)` by default, leaving one core to the thread that issues copies and waits
+Threads: `max(1, CPUs − 1)` by default, leaving one core to the thread that issues copies and waits
 on events (a spinning waiter made a 16-thread CPU FFN 14–80× slower on the H100 box). `submit` runs a
 call on a worker thread, so the caller can issue the layer's copies meanwhile; both the native call
 (ctypes) and torch ops release the GIL.
@@ -26,22 +26,25 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import psutil
 import torch
 import torch.nn.functional as F
 
 from edgeprism.errors import InputError
-from edgeprism.moe.quant import DenseFormat, UnitFormat
+from edgeprism.moe.quant import DenseFormat, Int8Format, UnitFormat
 from edgeprism.schedule import native
 
 IMPLS = ("auto", "native", "torch", "unit")
 
 
 def default_threads() -> int:
-    """Physical cores available to this process, minus one for the copy/sync thread."""
-    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    physical = psutil.cpu_count(logical=False) or logical
-    return max(1, min(logical, physical) - 1)
+    """CPUs this process may run on, minus one for the copy/sync thread.
+
+    Logical CPUs, not physical cores: cloud machines often expose each vCPU as a core, and the H100
+    box's measurements (MEASURED.md: 15 of 16 threads) were taken that way. Override where SMT
+    siblings share a core's bandwidth and fewer threads read faster (`bench/cpu_experts.py --threads`).
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus - 1)
 
 
 def runs(rows: Sequence[int]) -> list[tuple[int, int]]:
@@ -64,11 +67,12 @@ class CpuExperts:
         if threads is not None and threads < 1:
             raise InputError(f"threads must be ≥ 1, got {threads}")
         self.fmt, self.threads = fmt, threads or default_threads()
-        dense = isinstance(fmt, DenseFormat) and fmt.row_dtype == fmt.compute_dtype
-        lib = native.load() if dense and impl in ("auto", "native") and fmt.row_dtype in _NATIVE else None
+        self._layout = native_layout(fmt)
+        lib = native.load() if self._layout is not None and impl in ("auto", "native") else None
         if impl == "native" and lib is None:
-            raise InputError("the native CPU expert kernel is unavailable (no C compiler, or not a bf16/fp32 "
-                             "dense format); use impl='torch'")
+            raise InputError("the native CPU expert kernel is unavailable (no C compiler, or rows that are not "
+                             "fp32, bf16 or int8); use impl='torch'")
+        dense = isinstance(fmt, DenseFormat) and fmt.row_dtype == fmt.compute_dtype
         fallback = "format" if not dense else ("unit" if impl == "unit" else "torch")
         self.impl = "native" if lib is not None else fallback
         self._lib = lib
@@ -117,9 +121,11 @@ class CpuExperts:
             raise InputError(f"rows must lie in [0, {arena.shape[0]})")
         act = torch.empty(len(rows) * Ig)
         y = torch.empty(1, D)
-        self._lib.swiglu_rows(arena.data_ptr(), int(arena.dtype == torch.bfloat16), arena.shape[1], idx.data_ptr(),
-                              w.data_ptr(), len(rows), D, Ig, xf.data_ptr(), act.data_ptr(), y.data_ptr(),
-                              self.threads)
+        assert self._layout is not None and arena.dtype == self.fmt.row_dtype
+        kind, offsets = self._layout
+        self._lib.swiglu_rows(arena.data_ptr(), kind, arena.shape[1] * arena.element_size(), *offsets,
+                              idx.data_ptr(), w.data_ptr(), len(rows), D, Ig, xf.data_ptr(), act.data_ptr(),
+                              y.data_ptr(), self.threads)
         return y.to(x.dtype)
 
     def _runs(self, x: torch.Tensor, arena: torch.Tensor, rows: Sequence[int],
@@ -145,4 +151,14 @@ class CpuExperts:
         return y[None].to(x.dtype)
 
 
-_NATIVE = (torch.float32, torch.bfloat16)
+def native_layout(fmt: UnitFormat) -> tuple[int, tuple[int, int, int, int]] | None:
+    """(kind, byte offsets of w13, w2, s13, s2 in a row) for the native kernel, or None if it cannot read
+    these rows. Dense rows are read in their storage dtype whatever the compute dtype (fp32 math)."""
+    D, Ig = fmt.dim, fmt.group_inter
+    if isinstance(fmt, DenseFormat) and fmt.row_dtype in (torch.float32, torch.bfloat16):
+        size = torch.empty((), dtype=fmt.row_dtype).element_size()
+        return (0 if fmt.row_dtype == torch.float32 else 1), (0, 2 * Ig * D * size, 0, 0)
+    if isinstance(fmt, Int8Format):
+        at = {name: offset for name, (offset, _, _) in fmt.layout.items()}
+        return 2, (at["q13"], at["q2"], at["s13"], at["s2"])
+    return None

@@ -66,7 +66,6 @@ def load() -> ctypes.CDLL | None:
         tmp.replace(path)
     lib = ctypes.CDLL(str(path))
     lib.swiglu_rows.restype = None
-    lib.swiglu_rows.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                                ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                ctypes.c_void_p, ctypes.c_int]
+    i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.swiglu_rows.argtypes = [ptr, i32, i64, i64, i64, i64, i64, ptr, ptr, i32, i32, i32, ptr, ptr, ptr, i32]
     return lib
