@@ -120,23 +120,22 @@ def plan(units: Sequence[RoutedUnit], cost: CostModel, keep: float = 1.0, budget
          copy_free_s: float | None = None, allow_cpu: bool = True) -> Plan:
     """The fastest plan keeping ≥ `keep` of the routed score mass (or, with `budget_s`, the one keeping
     the most mass within the budget); `copy_free_s` defaults to the latest in-flight ready time."""
-    units = sorted(units, key=lambda u: u.key)
+    units = sorted(units, key=_by_key)
     copy_free = _validate(units, keep, budget_s, copy_free_s)
     total = math.fsum(u.score for u in units)
-    allow = 0.0 if keep >= 1.0 else total - keep * total  # mass that may be dropped
-    hits = [u for u in units if u.residency is Residency.RESIDENT]
-    if len(hits) == len(units):  # the steady state of a warm cache: nothing to decide
+    missing = [u for u in units if u.residency is Residency.MISSING]
+    inflight = [u for u in units if u.residency is Residency.INFLIGHT]
+    if not missing and not inflight:  # the steady state of a warm cache: nothing to decide
         gpu_s = cost.gpu_seconds(len(units))
         return Plan(tuple((u.key, Action.HIT) for u in units), gpu_s, 0.0, 0.0, gpu_s, total, total,
                     budget_s is None or _close(gpu_s, budget_s))
-    missing = sorted((u for u in units if u.residency is Residency.MISSING), key=_drop_order)
-    inflight = sorted((u for u in units if u.residency is Residency.INFLIGHT),
-                      key=lambda u: (-u.ready_s, u.score, u.key))  # latest first: they leave the queue first
-    ctx = _Layer(cost.copy_unit_s, cost.cpu_call_s, cost.cpu_unit_s, copy_free, allow, keep < 1.0, len(units), total,
+    missing.sort(key=_drop_order)
+    inflight.sort(key=lambda u: (-u.ready_s, u.score, u.key))  # latest first: they leave the queue first
+    ctx = _Layer(cost.copy_unit_s, cost.cpu_call_s, cost.cpu_unit_s, copy_free, keep * total, keep < 1.0, len(units), total,
                  allow_cpu, cost.gpu_seconds(len(units)), budget_s)
     cands = list(ctx.fetch_cases(missing, inflight)) + list(ctx.nofetch_cases(missing, inflight))
     best, within = _choose(cands, budget_s)
-    return _build(units, hits, missing, inflight, best, cost, total, within)
+    return _build(units, missing, inflight, best, ctx.gpu_s, total, within)
 
 
 def _validate(units: Sequence[RoutedUnit], keep: float, budget_s: float | None,
@@ -147,18 +146,20 @@ def _validate(units: Sequence[RoutedUnit], keep: float, budget_s: float | None,
         raise InputError(f"budget_s must be positive, got {budget_s}")
     if len({u.key for u in units}) != len(units):
         raise InputError("a unit is routed twice in one layer's plan")
-    for u in units:
-        if not (u.score >= 0 and math.isfinite(u.score)):
-            raise InputError(f"unit {u.key}: score must be finite and ≥ 0, got {u.score}")
-        if not (u.ready_s >= 0 and math.isfinite(u.ready_s)):
-            raise InputError(f"unit {u.key}: ready_s must be finite and ≥ 0, got {u.ready_s}")
+    if not all(0.0 <= u.score < math.inf and 0.0 <= u.ready_s < math.inf for u in units):  # NaN fails too
+        bad = next(u for u in units if not (0.0 <= u.score < math.inf and 0.0 <= u.ready_s < math.inf))
+        raise InputError(f"unit {bad.key}: score and ready_s must be finite and ≥ 0, got {bad.score}, {bad.ready_s}")
     latest = max((u.ready_s for u in units if u.residency is Residency.INFLIGHT), default=0.0)
     if copy_free_s is None:
         return latest
-    if not (copy_free_s >= latest and math.isfinite(copy_free_s)):
+    if not (latest <= copy_free_s < math.inf):
         raise InputError(f"copy_free_s={copy_free_s} is before an in-flight copy of this layer lands "
                          f"({latest}): one copy engine finishes its copies in order")
     return copy_free_s
+
+
+def _by_key(u: RoutedUnit) -> SubExpertKey:
+    return u.key
 
 
 def _drop_order(u: RoutedUnit) -> tuple[float, SubExpertKey]:
@@ -178,7 +179,7 @@ class _Layer:
     cpu_call: float  # a: the CPU call's fixed cost
     cpu_unit: float  # b: one more unit on the CPU
     copy_free: float  # F
-    allow: float  # droppable mass
+    floor: float  # keep × routed mass: a plan's kept mass (total − dropped prefix) must reach it
     may_drop: bool
     n_units: int
     total: float
@@ -196,7 +197,7 @@ class _Layer:
         if not self.may_drop:
             return 0
         d = 0
-        while d + 1 < len(prefix) and prefix[d + 1] <= self.allow and self.n_units - (d + 1) >= 1:
+        while d + 1 < len(prefix) and self.total - prefix[d + 1] >= self.floor and self.n_units - (d + 1) >= 1:
             d += 1
         return d
 
@@ -286,9 +287,9 @@ def _choose(cands: list[_Candidate], budget_s: float | None) -> tuple[_Candidate
     return min((c for c in near if c.kept >= top), key=lambda c: c.latency), budget_s is None
 
 
-def _build(units: list[RoutedUnit], hits: list[RoutedUnit], missing: list[RoutedUnit],
-           inflight: list[RoutedUnit], best: _Candidate, cost: CostModel, total: float, within: bool) -> Plan:
-    acts = {u.key: Action.HIT for u in hits}
+def _build(units: list[RoutedUnit], missing: list[RoutedUnit], inflight: list[RoutedUnit], best: _Candidate,
+           gpu_s: float, total: float, within: bool) -> Plan:
+    acts: dict[SubExpertKey, Action] = {}
     if best.fetched >= 0:
         acts.update((u.key, Action.WAIT) for u in inflight)
         acts.update((u.key, Action.DROP) for u in missing[:best.drops])
@@ -300,6 +301,6 @@ def _build(units: list[RoutedUnit], hits: list[RoutedUnit], missing: list[Routed
         acts.update((u.key, Action.WAIT) for u in inflight[j:])
         pool = sorted(missing + inflight[:j], key=_drop_order)
         acts.update((u.key, Action.DROP if i < best.drops else Action.CPU) for i, u in enumerate(pool))
-    kept_mass = math.fsum(u.score for u in units if acts[u.key] is not Action.DROP)
-    return Plan(tuple((u.key, acts[u.key]) for u in units), best.latency, best.copy_s, best.cpu_s,
-                cost.gpu_seconds(len(units)), kept_mass, total, within)
+    # kept mass as the candidate computed it: the very number the floor was checked on
+    return Plan(tuple((u.key, acts.get(u.key, Action.HIT)) for u in units), best.latency, best.copy_s, best.cpu_s,
+                gpu_s, best.kept, total, within)
