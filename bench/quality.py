@@ -128,32 +128,49 @@ def summarize(records: list[dict[str, Any]], distinct: float) -> list[dict[str, 
     return out
 
 
+COLORS = {"topk": "black", "expert-keep": "tab:gray", "contiguous": "tab:blue", "random": "tab:orange",
+          "topbottom": "tab:green", "anneal": "tab:red", "anneal+always-on": "tab:purple", "genetic": "tab:brown"}
+
+
 def plot(records: list[dict[str, Any]], full: float, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(8, 5.5))
     for key in dict.fromkeys((r["method"], r["gate"]) for r in records):
         pts = sorted((r["bytes_fraction"], r["ppl"]) for r in records if (r["method"], r["gate"]) == key)
-        style = "--" if key[1] == "static" else "-"
-        marker = "s" if key[0] in ("topk", "expert-keep") else "o"
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker=marker, ms=3.5,
-                label=key[0] if key[1] in ("-", "score") else f"{key[0]} ({key[1]})")
-    for tol, color in ((1.05, "gray"), (1.10, "silver")):
+        static = key[1] == "static" and key[0] != "expert-keep"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "--" if static else "-", color=COLORS.get(key[0]),
+                marker="s" if key[0] in ("topk", "expert-keep") else ("^" if static else "o"), ms=4,
+                lw=2.2 if key[0] == "topk" else 1.2, label=key[0] if key[1] in ("-", "score") or key[0] == "expert-keep"
+                else f"{key[0]} (static gate)")
+    for tol, color in ((1.05, "gray"), (1.10, "darkgray")):
         ax.axhline(tol * full, ls=":", color=color, lw=1)
-        ax.text(0.02, tol * full, f" +{round((tol - 1) * 100)}%", va="bottom", fontsize=7, color="gray",
+        ax.text(0.01, tol * full, f" full +{round((tol - 1) * 100)}%", va="bottom", fontsize=7, color="gray",
                 transform=ax.get_yaxis_transform())
-    ax.set_xlabel("expert bytes per token (fraction of the full model's top-k)")
+    ax.set_xlabel("expert bytes per token (fraction of the full model's top-2)")
     ax.set_ylabel("held-out perplexity")
-    ax.set_ylim(full * 0.97, full * 1.6)
-    ax.set_title(title, fontsize=9)
+    ax.set_xlim(0.35, 1.02)
+    ax.set_ylim(full * 0.98, full * 1.3)
+    ax.set_title(title + "\nsolid: score gate (core neurons), dashed: static gate (group importance)", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=2, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def replot(folder: Path) -> None:
+    data = json.loads((folder / "quality.json").read_text())
+    meta, records = data["meta"], data["records"]
+    plot(records, meta["full_ppl"], folder / "ppl_vs_bytes.png", _title(records[0], meta["date"]))
+
+
+def _title(record: dict[str, Any], date: str) -> str:
+    return (f"default model (6 layers, 8 experts, top-2), G={record['groups']}, {record['tokens']} held-out tokens, "
+            f"CPU, {date}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,7 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--quick", action="store_true", help="smoke run: 1024 tokens, 3 keeps, tiny solver budget")
+    p.add_argument("--replot", type=Path, default=None, help="only redraw FOLDER/ppl_vs_bytes.png from its quality.json")
     args = p.parse_args(argv)
+    if args.replot is not None:
+        replot(args.replot)
+        return 0
     torch.set_num_threads(args.threads)
     keeps = [1.0, 0.8, 0.5] if args.quick else KEEPS
     if args.quick:
@@ -196,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         records.append({**base, "method": "topk", "gate": "-", "k": k, "keep": 1.0, "ppl": ppl,
                         "units_per_token": units, "bytes_fraction": units / (L * K)})
         print(f"  topk k={k} ppl={ppl:.3f} bytes={units / (L * K):.3f}", flush=True)
-    records += sweep(edgeprism.load(device="cpu", dtype="fp32", groups=1), ids, keeps,
+    low = [] if args.quick else [0.5, 0.4, 0.3]  # whole experts reach the same bytes only at lower keep
+    records += sweep(edgeprism.load(device="cpu", dtype="fp32", groups=1), ids, keeps + low,
                      {**base, "method": "expert-keep", "gate": "static", "groups": 1}, L * K)
     for name, path in artifacts.items():
         eng = edgeprism.load(path, device="cpu", dtype="fp32")
@@ -216,8 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": round(time.time() - t_start, 1)}
     summary = summarize(records, args.distinct)
     (out / "quality.json").write_text(json.dumps({"meta": meta, "summary": summary, "records": records}, indent=1) + "\n")
-    plot(records, full, out / "ppl_vs_bytes.png",
-         f"default model (6 layers, 8 experts, top-2), G={args.groups}, {args.tokens} held-out tokens, CPU, {date}")
+    plot(records, full, out / "ppl_vs_bytes.png", _title({**base, "groups": args.groups}, date))
     print(table(summary))
     print(f"wrote {out}")
     return 0
