@@ -1,7 +1,7 @@
 """Prefetch, measured: predictor recall per layer, and whether copies really overlap compute.
 
     # next-layer recall of the trained default model while decoding held-out text (any device)
-    python bench/prefetch.py recall --out bench/results/<date>-<device>/prefetch_recall.json
+    python bench/prefetch.py recall [--device cuda --compare] --out bench/results/<date>-<device>/recall.json
     # a CUDA timeline (torch.profiler) of offloaded decode with prefetch on and off: copy time,
     # kernel time, and how much copy time ran under a kernel, per token
     python bench/prefetch.py timeline --geometry qwen3-30b-a3b --layers 12 --vram-gb 8 --out DIR
@@ -28,19 +28,34 @@ from edgeprism.corpus import HELDOUT, token_stream  # noqa: E402
 from edgeprism.models.checkpoint import MemoryCheckpoint  # noqa: E402
 
 
-def recall(args: argparse.Namespace) -> dict[str, Any]:
-    """Decode from held-out prompts with a small cache; the prefetcher scores every prediction."""
-    engine = edgeprism.load(None, device=args.device, cache_fraction=args.cache_fraction, lookahead=args.lookahead)
-    stream = token_stream(engine.tokenizer, args.prompts * 64, eos_id=0, path=HELDOUT)
-    for i in range(args.prompts):
-        prompt = stream[i * 64:i * 64 + 32]
-        engine.generate_ids(prompt, max_new_tokens=args.tokens, temperature=0.0)
-    s = engine.stats()
-    return {"model": "default", "device": args.device, "cache_fraction": args.cache_fraction,
-            "lookahead": args.lookahead, "prompts": args.prompts, "tokens_per_prompt": args.tokens,
-            "top_k": engine.spec.top_k, "num_experts": engine.spec.num_experts,
-            "random_recall": engine.spec.top_k / engine.spec.num_experts,
-            **{k: v for k, v in s.items() if k.startswith("prefetch")}}
+def recall(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Decode held-out prompts with a small cache, prefetch on then off; the prefetcher scores
+    every prediction. Decode time excludes prefill (timed per token after the first)."""
+    out = []
+    for prefetch in (True, False) if args.compare else (True,):
+        engine = edgeprism.load(None, device=args.device, cache_fraction=args.cache_fraction,
+                                lookahead=args.lookahead, prefetch=prefetch)
+        stream = token_stream(engine.tokenizer, args.prompts * 64, eos_id=0, path=HELDOUT)
+        decode_s, decoded = 0.0, 0
+        for i in range(args.prompts):
+            it = engine.stream_ids(stream[i * 64:i * 64 + 32], max_new_tokens=args.tokens, temperature=0.0)
+            next(it)  # prefill
+            t0 = time.perf_counter()
+            n = sum(1 for _ in it)
+            if engine.device.type == "cuda":
+                torch.cuda.synchronize()
+            decode_s, decoded = decode_s + time.perf_counter() - t0, decoded + n
+        s = engine.stats()
+        out.append({"model": "default", "device": args.device, "cache_fraction": args.cache_fraction,
+                    "prefetch": prefetch, "lookahead": args.lookahead, "prompts": args.prompts,
+                    "tokens_per_prompt": args.tokens, "top_k": engine.spec.top_k,
+                    "num_experts": engine.spec.num_experts, "random_recall": engine.spec.top_k / engine.spec.num_experts,
+                    "decode_tokens_per_s": decoded / decode_s, "hit_rate": s["hit_rate"],
+                    "bytes_h2d_per_token": s["bytes_h2d"] / max(1, s["tokens"]),
+                    "stall_ms_per_token": s["stall_s"] * 1e3 / max(1, s["tokens"]),
+                    **{k: v for k, v in s.items() if k.startswith("prefetch_")}})
+        engine.close()
+    return out
 
 
 def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -137,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--lookahead", type=int, default=1)
     r.add_argument("--prompts", type=int, default=16)
     r.add_argument("--tokens", type=int, default=32)
+    r.add_argument("--compare", action="store_true", help="also run with prefetch off")
     t = sub.add_parser("timeline")
     t.add_argument("--geometry", default="qwen3-30b-a3b")
     t.add_argument("--layers", type=int, default=12)

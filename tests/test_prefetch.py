@@ -32,20 +32,20 @@ class Pending:
 class FakeCopies:
     """A copy engine whose copies complete late: at random points (`shuffle`) in random order,
     or only when compute waits on them (`lazy`). Declared `after` orderings are honoured; nothing
-    else is. Compute on the CPU is synchronous, so `fence` has nothing to order."""
+    else is. Compute on the CPU is synchronous, so read marks have nothing to order."""
 
     def __init__(self, seed: int, lazy: bool = False) -> None:
         self.rng, self.lazy = random.Random(seed), lazy
         self.queue: list[Pending] = []
         self.completed = self.waited = 0
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: list[Pending]) -> Pending:
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: list[Pending], reads: list) -> Pending:
         ticket = Pending(dst, src, after)
         self.queue.append(ticket)
         self._progress()
         return ticket
 
-    def fence(self) -> None:
+    def mark(self) -> None:
         self._progress()
 
     def wait(self, tickets: list[Pending]) -> None:

@@ -86,14 +86,23 @@ class OffloadedExperts:
         slots = self.fetch.acquire(keys, self.step, layer)
         slot_ids = torch.tensor(slots, dtype=torch.long).to(x.device, non_blocking=True)
         y = self.cache.format.grouped(x, self.cache.parts, slot_ids, tokens, w)
-        self.fetch.release(keys)  # later copies into these slots wait for the GEMV (a fence)
+        self.fetch.release(keys)  # later copies into these slots wait for the GEMV (a read mark)
         return y
 
     def _unit_by_unit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                       units: torch.Tensor | None = None) -> torch.Tensor:
         out = torch.zeros_like(x)
-        for e in torch.unique(ids).tolist():
-            tokens, pos = torch.nonzero(ids == e, as_tuple=True)  # [n] each
+        k = ids.shape[1]
+        # One host sync for the whole call (the expert counts), none per expert: the host then
+        # runs ahead of the GPU, so the next unit's copy overlaps this unit's compute.
+        order = torch.argsort(ids.reshape(-1), stable=True)  # assignments grouped by expert, tokens ascending
+        counts = torch.bincount(ids.reshape(-1), minlength=self.cache.store.num_experts).tolist()
+        start = 0
+        for e, n in enumerate(counts):
+            if not n:
+                continue
+            sel, start = order[start:start + n], start + n
+            tokens, pos = sel // k, sel % k  # [n] each, as torch.nonzero(ids == e) would give them
             xe, we = x[tokens], weights[tokens, pos][:, None]  # [n, D], [n, 1]
             for g in range(self.groups):
                 rows, xg, wg = _unit_rows(tokens, pos, xe, we, units, g)

@@ -7,8 +7,9 @@ cross-stream hazards, and each is closed by an event (a `Ticket`) that the `Copy
 1. read-after-write: compute reads a slot only after the copy that filled it. `acquire` makes the
    compute stream wait on the slot's pending ticket (a device-side wait; the host never blocks).
 2. write-after-read: a copy overwrites a slot only after the compute that last read it. `release`
-   calls `engine.fence()`, which marks the compute stream's progress; copies issued later first wait
-   for that mark.
+   records a mark of the compute stream's progress (`engine.mark()`) for the released slots; a
+   later copy into one of them first waits for that slot's mark (per slot, so a copy never waits
+   for compute that reads other slots: prefill streams units double-buffered).
 3. write-after-write: a copy into a slot is ordered after an earlier pending copy into the same
    slot (a slot reused before its prefetch landed): the earlier ticket is passed as `after`.
 
@@ -33,12 +34,12 @@ Ticket = Any  # an engine's handle on one issued copy (a CUDA event, or None onc
 class CopyEngine(Protocol):
     """Asynchronous host→device copies and their ordering against the compute stream."""
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Sequence[Ticket]) -> Ticket:
-        """Start dst.copy_(src) after the `after` copies and the last `fence`; return its ticket."""
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Sequence[Ticket], reads: Sequence[Any]) -> Ticket:
+        """Start dst.copy_(src) after the `after` copies and the `reads` marks; return its ticket."""
         ...
 
-    def fence(self) -> None:
-        """Copies issued from now on start only after all compute issued so far."""
+    def mark(self) -> Any:
+        """A mark of all compute issued so far (for `copy(reads=...)`)."""
         ...
 
     def wait(self, tickets: Sequence[Ticket]) -> None:
@@ -56,12 +57,12 @@ class CopyEngine(Protocol):
 class InlineCopies:
     """CPU (or no overlap wanted): every copy completes before `copy` returns; nothing to order."""
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Sequence[Ticket]) -> Ticket:
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Sequence[Ticket], reads: Sequence[Any]) -> Ticket:
         dst.copy_(src)
         return None
 
-    def fence(self) -> None:
-        pass
+    def mark(self) -> Any:
+        return None
 
     def wait(self, tickets: Sequence[Ticket]) -> None:
         pass
@@ -83,16 +84,14 @@ class CudaCopies:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.h2d = torch.cuda.Stream(device)  # the copy stream
-        self._fence: torch.cuda.Event | None = None  # compute progress copies must wait for (WAR)
-        self._fence_seen: torch.cuda.Event | None = None
         self._stall_marks: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._stall = 0.0
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Sequence[Ticket]) -> Ticket:
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Sequence[Ticket], reads: Sequence[Any]) -> Ticket:
         with torch.cuda.stream(self.h2d):
-            if self._fence is not None and self._fence is not self._fence_seen:
-                self.h2d.wait_event(self._fence)  # hazard 2: the slot's last reader has finished
-                self._fence_seen = self._fence
+            for mark in reads:
+                if mark is not None:
+                    self.h2d.wait_event(mark)  # hazard 2: the slot's last reader has finished
             # hazard 3 needs no wait here: `after` tickets were recorded on this same stream, and a
             # stream runs its work in issue order
             dst.copy_(src, non_blocking=True)
@@ -100,10 +99,10 @@ class CudaCopies:
             done.record(self.h2d)
         return done
 
-    def fence(self) -> None:
+    def mark(self) -> Any:
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))
-        self._fence = event
+        return event
 
     def wait(self, tickets: Sequence[Ticket]) -> None:
         if not tickets:
@@ -175,6 +174,7 @@ class Prefetcher:
         self.table, self.store = cache.table, cache.store
         self.num_layers = cache.num_layers
         self._pending: dict[int, Ticket] = {}  # slot -> ticket of the last copy into it not yet waited on
+        self._read: dict[int, Any] = {}  # slot -> mark of the last compute that read it
         self._predicted: dict[int, set[SubExpertKey]] = {}  # target layer -> predicted units
         self._inflight: dict[int, set[SubExpertKey]] = {}  # target layer -> units placed by prefetch
         self.stats = PrefetchStats.empty(self.num_layers)
@@ -192,7 +192,11 @@ class Prefetcher:
     def release(self, keys: Sequence[SubExpertKey]) -> None:
         """Unpin after the compute reading these slots has been issued (not necessarily run)."""
         self.table.release(keys)
-        self.engine.fence()
+        mark = self.engine.mark()
+        for key in keys:
+            slot = self.table.lookup(key)
+            if slot is not None:
+                self._read[slot] = mark
 
     def drain(self) -> None:
         """Make compute wait for every pending copy (before work that bypasses `acquire`)."""
@@ -261,8 +265,9 @@ class Prefetcher:
     def _issue(self, fills: Sequence[tuple[SubExpertKey, int]]) -> None:
         for key, slot, count in coalesce(fills, self.store):
             after = [self._pending[s] for s in range(slot, slot + count) if s in self._pending]
+            reads = list({id(m): m for s in range(slot, slot + count) if (m := self._read.pop(s, None)) is not None}.values())
             src = self.store.units(key.layer, self.store.row(key), count)
-            ticket = self.engine.copy(self.cache.pool[slot:slot + count], src, after)
+            ticket = self.engine.copy(self.cache.pool[slot:slot + count], src, after, reads)
             for s in range(slot, slot + count):
                 self._pending[s] = ticket
             self.cache.count_copy(src)

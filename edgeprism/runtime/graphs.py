@@ -26,6 +26,10 @@ class DecodeStep:
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        # one warm-up and one capture stream for every bucket's graph (cuBLAS keeps a workspace
+        # per stream, so a fresh stream per capture would leave memory behind each time)
+        self.warmup_stream = torch.cuda.Stream(device) if self.use_graphs else None
+        self.capture_stream = torch.cuda.Stream(device) if self.use_graphs else None
 
     def length(self, pos: int) -> int:
         return min(self.model.max_len, (pos // BUCKET + 1) * BUCKET)
@@ -46,12 +50,12 @@ class DecodeStep:
     def _capture(self, length: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # Warm-up on a side stream (as CUDA graph capture requires); it rewrites the KV entry at
         # `pos` with the very values the replay will write, so it changes nothing.
-        side = torch.cuda.Stream(self.device)
+        side = self.warmup_stream
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             self.model.decode(self.token, self.pos, length)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.capture_stream):
             out = self.model.decode(self.token, self.pos, length)
         return graph, out
