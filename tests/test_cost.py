@@ -90,6 +90,12 @@ def test_calibrate_caches_on_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert cache_path(machine_key(other, "cpu", 1), tmp_path) != path
 
 
+def test_calibrate_needs_rows() -> None:
+    fmt = make_format(None, 32, 8, torch.float32)
+    with pytest.raises(InputError):
+        costmod.calibrate(fmt, [torch.randn(1, fmt.row_numel)], "cpu", threads=1)
+
+
 def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("EDGEPRISM_CACHE_DIR", str(tmp_path))
     assert costmod.default_cache_dir() == tmp_path / "cost"

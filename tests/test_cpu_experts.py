@@ -88,6 +88,14 @@ def test_stored_formats(impl: str, expert_dtype: str) -> None:
     torch.testing.assert_close(path(x, s.arenas[0], rows, w), ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.skipif(native.load() is None, reason="no C compiler")
+def test_native_is_deterministic_across_thread_counts() -> None:
+    s = store(torch.bfloat16, 2)
+    x, rows, w = torch.randn(1, D).bfloat16(), [3, 4, 5, 11], torch.rand(4)
+    one, three = (CpuExperts(s.format, threads=t, impl="native")(x, s.arenas[0], rows, w) for t in (1, 3))
+    assert torch.equal(one, three)  # every output element is summed by one thread, in one order
+
+
 def test_submit_runs_on_a_worker_thread() -> None:
     s = store(torch.float32, 1)
     path = CpuExperts(s.format, threads=1)

@@ -159,7 +159,7 @@ def _measure_h2d(device: torch.device, sizes: Sequence[int], reps: int) -> tuple
     latency = timer(copy(256), reps)
     rates = []
     for n in sizes:
-        t = timer(copy(n), max(2, reps * sizes[0] // n))
+        t = timer(copy(n), max(5, reps * sizes[0] // n))
         rates.append(n / max(t - latency, t * 0.05, 1e-9))
     return latency, rates
 
@@ -181,10 +181,11 @@ def calibrate(fmt: UnitFormat, arenas: Sequence[torch.Tensor], device: torch.dev
     from edgeprism.schedule.cpu_experts import CpuExperts
 
     device = torch.device(device)
-    rows_total = sum(a.shape[0] for a in arenas)
-    if rows_total < 1:
-        raise InputError("calibration needs at least one unit row")
-    units = max(2, min(units, min(a.shape[0] for a in arenas)))
+    arenas = [a for a in arenas if a.shape[0] >= 2]
+    if not arenas:
+        raise InputError("calibration needs an arena of at least two unit rows")
+    units = min(units, max(a.shape[0] for a in arenas))
+    arenas = [a for a in arenas if a.shape[0] >= units]
     latency, rates = _measure_h2d(device, H2D_SIZES, reps * 4)
     cpu_call, cpu_unit = _measure_cpu(CpuExperts(fmt, threads), fmt, arenas, units, reps)
     gpu_call, gpu_unit = _measure_gpu(fmt, arenas[0], device, units, reps)
