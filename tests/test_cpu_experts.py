@@ -119,6 +119,10 @@ def test_runs_threads_and_bad_inputs() -> None:
         path(torch.randn(2, D), s.arenas[0], [0], torch.ones(1))
     with pytest.raises(InputError):
         path(torch.randn(1, D), s.arenas[0], [0, 1], torch.ones(1))
+    with pytest.raises(InputError):  # not this format's rows
+        path(torch.randn(1, D), s.arenas[0].bfloat16(), [0], torch.ones(1))
+    with pytest.raises(InputError):
+        path(torch.randn(1, D), s.arenas[0][:, :-1], [0], torch.ones(1))
     assert path(torch.randn(1, D), s.arenas[0], [], torch.ones(0)).abs().sum() == 0
     if path.impl == "native":
         with pytest.raises(InputError):

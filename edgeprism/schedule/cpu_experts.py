@@ -85,6 +85,11 @@ class CpuExperts:
             raise InputError(f"the CPU expert path takes one token x [1, {self.fmt.dim}], got {tuple(x.shape)}")
         if len(rows) != weights.numel():
             raise InputError(f"{len(rows)} rows but {weights.numel()} weights")
+        if (arena.device.type != "cpu" or x.device.type != "cpu" or not arena.is_contiguous()
+                or arena.dtype != self.fmt.row_dtype or arena.dim() != 2 or arena.shape[1] != self.fmt.row_numel):
+            raise InputError(f"the CPU expert path reads a contiguous host arena [rows, {self.fmt.row_numel}] of "
+                             f"{self.fmt.row_dtype} and a host x; got {arena.dtype} {tuple(arena.shape)} on "
+                             f"{arena.device}, x on {x.device}")
         if not len(rows):
             return torch.zeros_like(x)
         if self.impl == "native":
@@ -112,7 +117,7 @@ class CpuExperts:
 
     def _native(self, x: torch.Tensor, arena: torch.Tensor, rows: Sequence[int],
                 weights: torch.Tensor) -> torch.Tensor:
-        assert self._lib is not None and arena.is_contiguous()
+        assert self._lib is not None and self._layout is not None
         D, Ig = self.fmt.dim, self.fmt.group_inter
         xf = x.float().contiguous()
         w = weights.float().contiguous()
@@ -121,7 +126,6 @@ class CpuExperts:
             raise InputError(f"rows must lie in [0, {arena.shape[0]})")
         act = torch.empty(len(rows) * Ig)
         y = torch.empty(1, D)
-        assert self._layout is not None and arena.dtype == self.fmt.row_dtype
         kind, offsets = self._layout
         self._lib.swiglu_rows(arena.data_ptr(), kind, arena.shape[1] * arena.element_size(), *offsets,
                               idx.data_ptr(), w.data_ptr(), len(rows), D, Ig, xf.data_ptr(), act.data_ptr(),

@@ -21,7 +21,9 @@ Why the split of misses between PCIe and CPU is a count balance (identical unit 
 --------------------------------------------------------------------------------------
 Every missing unit has the same copy price c and the same marginal CPU price b, so the latency of an
 assignment depends only on the *number* n of misses sent to the CPU, never on which ones: swapping a
-fetched and a CPU unit changes nothing. With m kept misses, of which at least one is fetched,
+fetched and a CPU unit changes nothing. With at least one fetch the copy chain ends after every
+in-flight copy (F ≥ W below), so waiting for in-flight units is free and they all wait. With m kept
+misses, n of them on the CPU (0 ≤ n ≤ m − 1),
 
     L(n) = max(copy(m − n), cpu(n)) + G,   copy(k) = max(W, F + k·c),   cpu(n) = a + n·b (cpu(0) = 0),
 
@@ -35,7 +37,8 @@ exchange argument again says which in-flight units to move to the CPU or drop: t
 ones (ties: lower score first), so that case is a scan over how many of them leave the copy queue.
 
 Drops: dropping a missing (or CPU) unit saves the same time whichever it is, so for a given number
-of drops the lowest-score units go first; a plan's kept mass must stay ≥ keep × routed mass, at
+of drops the lowest-score units go first, and a case's latency never rises with more drops (so per
+case only a few drop counts can win: `_Layer.drop_counts`); a plan's kept mass must stay ≥ keep × routed mass, at
 least one unit is kept, a resident unit is never dropped (it costs no transfer), and at keep = 1
 nothing is dropped. Without a budget the planner minimises latency, and among plans within 1e-9
 (relative) of the best keeps the most mass. With `budget_s` it keeps the most mass among plans that
