@@ -356,11 +356,11 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         self._require_open()
         table, spec = self.cache.table, self.spec
-        hits = table.hits
-        if self.experts.slot_map is not None:  # static cache: every routed unit is a hit (no counting on the hot path)
-            hits += self._counts["forward_tokens"] * len(spec.moe_layers) * spec.top_k * self.config.groups
         routed = self._counts["forward_tokens"] * len(spec.moe_layers) * spec.top_k * self.config.groups
         dropped = int(self.gate.units_dropped)  # skipped by keep < 1: never copied nor computed
+        hits = table.hits
+        if self.experts.slot_map is not None:  # static cache: every computed unit is a hit (no counting on the hot path)
+            hits += routed - dropped
         return {
             "units_computed": routed - dropped, "units_dropped": dropped,
             "expert_bytes_computed": (routed - dropped) * self.plan.unit_bytes,
