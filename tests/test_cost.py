@@ -90,6 +90,17 @@ def test_calibrate_caches_on_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert cache_path(machine_key(other, "cpu", 1), tmp_path) != path
 
 
+def test_for_store(tmp_path: Path) -> None:
+    from edgeprism.cache.host_store import HostStore
+    from edgeprism.schedule import for_store
+
+    store = HostStore([0, 1], 4, 2, 32, 16, torch.float32, pin=False)
+    for arena in store.arenas.values():
+        arena.normal_()
+    m = for_store(store, "cpu", threads=1, cache_dir=tmp_path)
+    assert m.unit_bytes == store.unit_bytes and m.machine["format"] == "fp32"
+
+
 def test_calibrate_needs_rows() -> None:
     fmt = make_format(None, 32, 8, torch.float32)
     with pytest.raises(InputError):

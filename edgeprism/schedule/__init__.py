@@ -1,0 +1,9 @@
+"""What to compute: per-layer plans (hit / wait / fetch / CPU / drop), the machine's cost model, the CPU
+expert path. Not yet called by the decode loop (docs/architecture.md, "Scheduler")."""
+
+from edgeprism.schedule.cost import CostModel, calibrate, for_store, load_or_calibrate
+from edgeprism.schedule.cpu_experts import CpuExperts, default_threads
+from edgeprism.schedule.scheduler import Action, Plan, Residency, RoutedUnit, plan
+
+__all__ = ["Action", "CostModel", "CpuExperts", "Plan", "Residency", "RoutedUnit", "calibrate", "default_threads",
+           "for_store", "load_or_calibrate", "plan"]

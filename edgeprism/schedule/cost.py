@@ -29,11 +29,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from edgeprism.errors import InputError
 from edgeprism.moe.quant import UnitFormat
+
+if TYPE_CHECKING:
+    from edgeprism.cache.host_store import HostStore
 
 log = logging.getLogger(__name__)
 
@@ -277,3 +281,8 @@ def load_or_calibrate(fmt: UnitFormat, arenas: Sequence[torch.Tensor], device: t
     tmp.replace(path)  # atomic: a concurrent reader sees the old file or the new one, never half
     log.info("measured the cost model of %s: %s", key["host"], path)
     return model
+
+
+def for_store(store: HostStore, device: torch.device | str, **kwargs: object) -> CostModel:
+    """`load_or_calibrate` for the units of a `HostStore` (its format, its arenas' rows)."""
+    return load_or_calibrate(store.format, list(store.arenas.values()), device, **kwargs)  # type: ignore[arg-type]
