@@ -137,7 +137,7 @@ IDS = [11, 400, 23, 1999, 7, 64, 301, 5, 812, 90]
 
 @pytest.fixture(scope="module")
 def int4_resident():
-    return edgeprism.load(device="cpu", dtype="fp32", expert_dtype="int4")
+    return edgeprism.load(device="cpu", dtype="fp32", expert_dtype="int4", prefill_chunk=PPL_WINDOW)
 
 
 def test_engine_reports_format_and_plans_more_slots(int4_resident):
@@ -184,10 +184,10 @@ def test_quantized_perplexity(int4_resident):
     from edgeprism.corpus import token_stream
 
     ids = token_stream(int4_resident.tokenizer, PPL_TOKENS + 1, EOS_ID)
-    base = perplexity(edgeprism.load(device="cpu", dtype="fp32"), ids)
+    base = perplexity(edgeprism.load(device="cpu", dtype="fp32", prefill_chunk=PPL_WINDOW), ids)
     ppl = {"int4": perplexity(int4_resident, ids)}
     for name in ("bf16", "int8"):
-        ppl[name] = perplexity(edgeprism.load(device="cpu", dtype="fp32", expert_dtype=name), ids)
+        ppl[name] = perplexity(edgeprism.load(device="cpu", dtype="fp32", expert_dtype=name, prefill_chunk=PPL_WINDOW), ids)
     report = f"fp32 {base:.4f}; " + "; ".join(f"{k} {v:.4f} ({100 * (v / base - 1):+.2f}%)" for k, v in ppl.items())
     print(report)
     for name, limit in PPL_LIMITS.items():
