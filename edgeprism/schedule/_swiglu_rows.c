@@ -5,7 +5,8 @@
  * bf16 or int8 (kind 0/1/2; moe/kernels.py and moe/quant.py Int8Format). int8 rows also hold one fp32
  * scale per output channel: s13 [2Ig] at off_s13, s2 [D] at off_s2 (w = q * s).
  * Phase 1, parallel over (unit, neuron): act[i, j] = w[i] * silu(w1_j . x) * (w3_j . x)   (fp32)
- * Phase 2, parallel over output d:       y[d] = sum_i sum_j w2_i[d, j] * act[i, j]        (fp32)
+ * Phase 2, parallel over (unit, output):  part[i, d] = sum_j w2_i[d, j] * act[i, j]        (fp32)
+ * Phase 3, parallel over output d:       y[d] = sum_i part[i, d]
  * Both phases stream the weights once, in order; accumulation is fp32 whatever the storage.
  */
 #include <math.h>
@@ -63,31 +64,44 @@ static inline float dot_any(const char *part, int kind, int64_t at, const float 
     return dot_i8((const int8_t *)part + at, x, n);
 }
 
-/* arena: row 0; rows[n]: which rows; w[n]: unit weights; x[D]; act: [n * Ig] workspace; y[D] output. */
+/* arena: row 0; rows[n]: which rows; w[n]: unit weights; x[D]; work: [n * (Ig + D)] workspace; y[D]
+ * output. One parallel region, three static loops (barriers between): every thread streams one
+ * contiguous stretch of rows in each phase, and every output is summed by one thread in one order
+ * (the result does not depend on the thread count). */
 void swiglu_rows(const char *arena, int kind, int64_t row_bytes, int64_t off13, int64_t off2, int64_t off_s13,
                  int64_t off_s2, const int64_t *rows, const float *w, int n, int D, int Ig, const float *x,
-                 float *act, float *y, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t t = 0; t < (int64_t)n * Ig; t++) {
-        int i = (int)(t / Ig), j = (int)(t % Ig);
-        const char *row = arena + rows[i] * row_bytes;
-        float g = dot_any(row + off13, kind, (int64_t)j * D, x, D);
-        float u = dot_any(row + off13, kind, (int64_t)(Ig + j) * D, x, D);
-        if (kind == 2) {
-            const float *s13 = (const float *)(row + off_s13);
-            g *= s13[j];
-            u *= s13[Ig + j];
-        }
-        act[t] = w[i] * (g / (1.f + expf(-g))) * u;
-    }
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int d = 0; d < D; d++) {
-        float acc = 0.f;
-        for (int i = 0; i < n; i++) {
+                 float *work, float *y, int threads) {
+    float *act = work, *part = work + (int64_t)n * Ig;
+#pragma omp parallel num_threads(threads)
+    {
+        /* phase 1: act[i, j] = w[i] * silu(w1_j . x) * (w3_j . x) */
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < (int64_t)n * Ig; t++) {
+            int i = (int)(t / Ig), j = (int)(t % Ig);
             const char *row = arena + rows[i] * row_bytes;
-            float part = dot_any(row + off2, kind, (int64_t)d * Ig, act + (int64_t)i * Ig, Ig);
-            acc += kind == 2 ? part * ((const float *)(row + off_s2))[d] : part;
+            float g = dot_any(row + off13, kind, (int64_t)j * D, x, D);
+            float u = dot_any(row + off13, kind, (int64_t)(Ig + j) * D, x, D);
+            if (kind == 2) {
+                const float *s13 = (const float *)(row + off_s13);
+                g *= s13[j];
+                u *= s13[Ig + j];
+            }
+            act[t] = w[i] * (g / (1.f + expf(-g))) * u;
         }
-        y[d] = acc;
+        /* phase 2: part[i, d] = w2_i[d, :] . act[i, :] */
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < (int64_t)n * D; t++) {
+            int i = (int)(t / D), d = (int)(t % D);
+            const char *row = arena + rows[i] * row_bytes;
+            float p = dot_any(row + off2, kind, (int64_t)d * Ig, act + (int64_t)i * Ig, Ig);
+            part[t] = kind == 2 ? p * ((const float *)(row + off_s2))[d] : p;
+        }
+        /* phase 3: y[d] = sum_i part[i, d] */
+#pragma omp for schedule(static)
+        for (int d = 0; d < D; d++) {
+            float acc = 0.f;
+            for (int i = 0; i < n; i++) acc += part[(int64_t)i * D + d];
+            y[d] = acc;
+        }
     }
 }

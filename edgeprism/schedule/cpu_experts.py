@@ -124,11 +124,11 @@ class CpuExperts:
         idx = torch.as_tensor(list(rows), dtype=torch.int64)
         if int(idx.min()) < 0 or int(idx.max()) >= arena.shape[0]:
             raise InputError(f"rows must lie in [0, {arena.shape[0]})")
-        act = torch.empty(len(rows) * Ig)
+        work = torch.empty(len(rows) * (Ig + D))
         y = torch.empty(1, D)
         kind, offsets = self._layout
         self._lib.swiglu_rows(arena.data_ptr(), kind, arena.shape[1] * arena.element_size(), *offsets,
-                              idx.data_ptr(), w.data_ptr(), len(rows), D, Ig, xf.data_ptr(), act.data_ptr(),
+                              idx.data_ptr(), w.data_ptr(), len(rows), D, Ig, xf.data_ptr(), work.data_ptr(),
                               y.data_ptr(), self.threads)
         return y.to(x.dtype)
 
