@@ -156,10 +156,13 @@ def run_edgeprism(source: Any, budget: float | None, args: argparse.Namespace, s
     engine = load_engine(source, budget, args, policy=args.policy, **kw)
     load_s = time.perf_counter() - t0
     engine.cache.time_copies = True
+    copies = engine.fetch.engine
+    if hasattr(copies, "timed"):
+        copies.timed = True  # time the prefetcher's copies (demand and ahead of need)
     prompt = torch.randint(0, engine.spec.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
     rec = decode_run(engine, prompt, args.tokens, args.warmup, engine.reset_stats)
     s = engine.stats()
-    copy_s = engine.cache.copy_seconds() if device.type == "cuda" else 0.0
+    copy_s = copies.copy_seconds() if hasattr(copies, "copy_seconds") else 0.0
     rec.update(system=system, vram_gb=budget, hit_rate=s["hit_rate"], bytes_per_token=s["bytes_h2d"] / rec["tokens"],
                h2d_gbps=(s["bytes_h2d"] / copy_s / 1e9) if copy_s else None, load_s=load_s,
                cache_slots=s["cache_slots"], total_units=s["total_units"], host_pinned=s["host_pinned"],

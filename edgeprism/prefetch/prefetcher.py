@@ -84,6 +84,8 @@ class CudaCopies:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.h2d = torch.cuda.Stream(device)  # the copy stream
+        self.timed = False  # benchmarks: time every copy with CUDA events (achieved H2D bandwidth)
+        self._copy_marks: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._stall_marks: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._stall = 0.0
 
@@ -94,7 +96,14 @@ class CudaCopies:
                     self.h2d.wait_event(mark)  # hazard 2: the slot's last reader has finished
             # hazard 3 needs no wait here: `after` tickets were recorded on this same stream, and a
             # stream runs its work in issue order
+            if self.timed:
+                start = torch.cuda.Event(enable_timing=True)
+                start.record(self.h2d)
             dst.copy_(src, non_blocking=True)
+            if self.timed:
+                end = torch.cuda.Event(enable_timing=True)
+                end.record(self.h2d)
+                self._copy_marks.append((start, end))
             done = torch.cuda.Event()
             done.record(self.h2d)
         return done
@@ -124,6 +133,12 @@ class CudaCopies:
     def reset_stall(self) -> None:
         self._resolve(block=True)
         self._stall = 0.0
+        self._copy_marks.clear()
+
+    def copy_seconds(self) -> float:
+        """GPU time of the timed copies so far (synchronises; benchmarks only)."""
+        torch.cuda.synchronize(self.device)
+        return sum(a.elapsed_time(b) for a, b in self._copy_marks) / 1e3
 
     def _resolve(self, block: bool) -> None:
         pending = []
