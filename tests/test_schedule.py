@@ -20,7 +20,14 @@ from hypothesis import strategies as st
 from edgeprism.cache.keys import SubExpertKey
 from edgeprism.errors import InputError
 from edgeprism.schedule.cost import CostModel
-from edgeprism.schedule.scheduler import REL_TIE, Action, Residency, RoutedUnit, plan
+from edgeprism.schedule.scheduler import (
+    REL_TIE,
+    Action,
+    Residency,
+    RoutedUnit,
+    plan,
+    routed_units,
+)
 
 R, F, M = Residency.RESIDENT, Residency.INFLIGHT, Residency.MISSING
 EXAMPLES = int(os.environ.get("EDGEPRISM_HYPOTHESIS_EXAMPLES", "40"))  # raise it for a long local sweep
@@ -214,3 +221,16 @@ def test_bad_inputs_raise_typed_errors() -> None:
     with pytest.raises(InputError):
         plan([RoutedUnit(unit.key, 1.0, F, 2e-3)], cost, copy_free_s=1e-3)
     assert plan([], cost).actions == ()
+
+
+def test_routed_units_from_routing() -> None:
+    k = SubExpertKey
+    units = routed_units(3, [5, 2], [0.75, 0.25], 2, resident={k(3, 5, 0)}, inflight={k(3, 2, 1): 1e-3},
+                         shares=[[0.5, 0.5], [0.75, 0.25]])
+    assert units == [RoutedUnit(k(3, 5, 0), 0.375, R), RoutedUnit(k(3, 5, 1), 0.375, M),
+                     RoutedUnit(k(3, 2, 0), 0.1875, M), RoutedUnit(k(3, 2, 1), 0.0625, F, 1e-3)]
+    assert [u.score for u in routed_units(0, [1], [1.0], 4, set(), {})] == [0.25] * 4
+    with pytest.raises(InputError):
+        routed_units(0, [1, 2], [1.0], 2, set(), {})
+    with pytest.raises(InputError):
+        routed_units(0, [1], [1.0], 2, set(), {}, shares=[[1.0]])

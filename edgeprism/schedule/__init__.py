@@ -3,7 +3,14 @@ expert path. Not yet called by the decode loop (docs/architecture.md, "Scheduler
 
 from edgeprism.schedule.cost import CostModel, calibrate, for_store, load_or_calibrate
 from edgeprism.schedule.cpu_experts import CpuExperts, default_threads
-from edgeprism.schedule.scheduler import Action, Plan, Residency, RoutedUnit, plan
+from edgeprism.schedule.scheduler import (
+    Action,
+    Plan,
+    Residency,
+    RoutedUnit,
+    plan,
+    routed_units,
+)
 
 __all__ = ["Action", "CostModel", "CpuExperts", "Plan", "Residency", "RoutedUnit", "calibrate", "default_threads",
-           "for_store", "load_or_calibrate", "plan"]
+           "for_store", "load_or_calibrate", "plan", "routed_units"]

@@ -50,7 +50,7 @@ Ties are broken by unit key, so a plan is a function of the set of units, not of
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -117,6 +117,31 @@ class _Candidate:
     fetched: int  # -1: the no-fetch case, else how many kept misses are fetched
     inflight_out: int  # no-fetch case: how many latest in-flight units leave the copy queue
     drops: int
+
+
+def routed_units(layer: int, experts: Sequence[int], weights: Sequence[float], groups: int,
+                 resident: Container[SubExpertKey], inflight: Mapping[SubExpertKey, float],
+                 shares: Sequence[Sequence[float]] | None = None) -> list[RoutedUnit]:
+    """One token's routing as the planner's input: unit (e, g) of routed expert e with router weight w
+    has score w · shares[i][g] (the group's share of its expert's output; uniform 1/G by default),
+    and is resident, in flight (`inflight[key]` = seconds until it lands) or missing."""
+    if len(experts) != len(weights) or (shares is not None and len(shares) != len(experts)):
+        raise InputError(f"{len(experts)} experts, {len(weights)} weights and "
+                         f"{None if shares is None else len(shares)} share rows do not match")
+    out = []
+    for i, (e, w) in enumerate(zip(experts, weights)):
+        row = shares[i] if shares is not None else [1.0 / groups] * groups
+        if len(row) != groups:
+            raise InputError(f"expert {e}: {len(row)} group shares for {groups} groups")
+        for g in range(groups):
+            key = SubExpertKey(layer, e, g)
+            if key in resident:
+                out.append(RoutedUnit(key, w * row[g], Residency.RESIDENT))
+            elif key in inflight:
+                out.append(RoutedUnit(key, w * row[g], Residency.INFLIGHT, inflight[key]))
+            else:
+                out.append(RoutedUnit(key, w * row[g]))
+    return out
 
 
 def plan(units: Sequence[RoutedUnit], cost: CostModel, keep: float = 1.0, budget_s: float | None = None,
