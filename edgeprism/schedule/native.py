@@ -4,7 +4,8 @@ Plain C loaded with ctypes, not a torch extension: it needs no torch headers, so
 a second (a `load_inline` extension takes a minute), and ctypes releases the GIL during the call, so
 it runs in parallel with the thread that drives the GPU. Compiled with `-march=native` for the
 machine it runs on, into `<cache>/edgeprism/kernels/` keyed by source, flags, host and CPU. Without a
-compiler (or if the build fails) `load()` returns None and the torch path is used.
+compiler (or if the build fails, or with `EDGEPRISM_NO_NATIVE=1`) `load()` returns None and the torch
+path is used.
 """
 
 from __future__ import annotations
@@ -53,18 +54,18 @@ def load() -> ctypes.CDLL | None:
         log.info("no C compiler: the CPU expert path uses torch ops")
         return None
     path = _library_path()
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}.so")
-        try:
+    try:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}.so")
             subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"], check=True, capture_output=True,
                            timeout=120)
-        except (OSError, subprocess.SubprocessError) as e:
-            detail = getattr(e, "stderr", b"") or b""
-            log.warning("building the CPU expert kernel failed (%s %s); using torch ops", e, detail.decode()[-500:])
-            return None
-        tmp.replace(path)
-    lib = ctypes.CDLL(str(path))
+            tmp.replace(path)  # atomic: concurrent builders (pytest-xdist) never load half a file
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        log.warning("building the CPU expert kernel failed (%s %s); using torch ops", e, detail.decode()[-500:])
+        return None
     lib.swiglu_rows.restype = None
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.swiglu_rows.argtypes = [ptr, i32, i64, i64, i64, i64, i64, ptr, ptr, i32, i32, i32, ptr, ptr, ptr, i32]
