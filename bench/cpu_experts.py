@@ -9,6 +9,8 @@ key-ordered CPU units) or scattered. Rows are rotated over an arena of `--arena-
 from DRAM, not the last-level cache. "GB/s" = bytes of the units' weights ÷ time per call; next to it
 a plain read of the same arena by torch (`sum` over 64 MiB blocks, same threads) as the machine's
 reachable read bandwidth. Each record also carries the max error against `moe/kernels.grouped_swiglu`.
+Last, per dtype, the scheduler's `CostModel` as `schedule.cost.calibrate` measures it here (PCIe by
+copy size on a GPU; the CPU path's fixed and per-unit cost), unless `--no-calibrate`.
 Issue 8's target on the H100 box: ≥ 60 GB/s at batch 1.
 """
 
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from edgeprism.moe.kernels import grouped_swiglu
 from edgeprism.moe.quant import make_format
 from edgeprism.schedule import native
+from edgeprism.schedule.cost import calibrate
 from edgeprism.schedule.cpu_experts import CpuExperts, default_threads
 
 D, IG, UNITS = 2048, 768, 8
@@ -94,6 +97,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"])
     p.add_argument("--impls", nargs="+", default=["native", "torch", "unit"])
+    p.add_argument("--no-calibrate", action="store_true", help="skip recording schedule.cost.calibrate's model")
     args = p.parse_args()
     thread_counts = args.threads or [default_threads()]
     records: list[dict[str, Any]] = []
@@ -114,6 +118,12 @@ def main() -> None:
                 rec["torch_read_gb_s"] = stream / 1e9
                 records.append(rec)
                 print(json.dumps(rec), file=sys.stderr, flush=True)
+        if not args.no_calibrate:  # the scheduler's cost model of these units on this machine
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            model = calibrate(make_format(None, D, IG, dtype), [arena], device, threads=thread_counts[0])
+            records.append({"dtype": str(dtype).removeprefix("torch."), "cost_model": model.to_json(),
+                            "copy_unit_s": model.copy_unit_s, "cpu_unit_s": model.cpu_unit_s})
+            print(json.dumps(records[-1]), file=sys.stderr, flush=True)
         del arena
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "host": platform.node(),
             "torch": torch.__version__, "threads": thread_counts, "cpus": os.cpu_count(), "arena_gb": args.arena_gb, "iters": args.iters,

@@ -14,7 +14,7 @@ from edgeprism.schedule.cpu_experts import CpuExperts, default_threads, runs
 
 torch.set_num_threads(1)
 D, I, E = 64, 48, 8
-IMPLS = [pytest.param("native", marks=pytest.mark.skipif(native.load() is None, reason="no C compiler")),
+IMPLS = [pytest.param("native", marks=pytest.mark.skipif(native.load() is None, reason="native kernel unavailable")),
          "torch", "unit"]
 ROWS = {1: [[4]], 3: [[0, 1, 2], [5, 1, 3]], 8: [[0, 1, 2, 3, 4, 5, 6, 7], [7, 2, 3, 5, 0, 4, 6, 1],
                                                 [15, 2, 3, 9, 0, 12, 6, 1]]}  # runs, any order, far rows
@@ -88,7 +88,7 @@ def test_stored_formats(impl: str, expert_dtype: str) -> None:
     torch.testing.assert_close(path(x, s.arenas[0], rows, w), ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.skipif(native.load() is None, reason="no C compiler")
+@pytest.mark.skipif(native.load() is None, reason="native kernel unavailable")
 def test_native_is_deterministic_across_thread_counts() -> None:
     s = store(torch.bfloat16, 2)
     x, rows, w = torch.randn(1, D).bfloat16(), [3, 4, 5, 11], torch.rand(4)
