@@ -126,7 +126,8 @@ def main() -> None:
             print(json.dumps(records[-1]), file=sys.stderr, flush=True)
         del arena
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "host": platform.node(),
-            "torch": torch.__version__, "threads": thread_counts, "cpus": os.cpu_count(), "arena_gb": args.arena_gb, "iters": args.iters,
+            "torch": torch.__version__, "threads": thread_counts, "cpus": os.cpu_count(), "arena_gb": args.arena_gb,
+            "iters": args.iters,
             "command": " ".join(sys.argv)}
     Path(args.out).write_text(json.dumps({"meta": meta, "records": records}, indent=1))
 

@@ -159,8 +159,8 @@ def plan(units: Sequence[RoutedUnit], cost: CostModel, keep: float = 1.0, budget
                     budget_s is None or _close(gpu_s, budget_s))
     missing.sort(key=_drop_order)
     inflight.sort(key=lambda u: (-u.ready_s, u.score, u.key))  # latest first: they leave the queue first
-    ctx = _Layer(cost.copy_unit_s, cost.cpu_call_s, cost.cpu_unit_s, copy_free, keep * total, keep < 1.0, len(units), total,
-                 allow_cpu, cost.gpu_seconds(len(units)), budget_s)
+    ctx = _Layer(cost.copy_unit_s, cost.cpu_call_s, cost.cpu_unit_s, copy_free, keep * total, keep < 1.0,
+                 len(units), total, allow_cpu, cost.gpu_seconds(len(units)), budget_s)
     cands = list(ctx.fetch_cases(missing, inflight)) + list(ctx.nofetch_cases(missing, inflight))
     best, within = _choose(cands, budget_s)
     return _build(units, missing, inflight, best, ctx.gpu_s, total, within)
