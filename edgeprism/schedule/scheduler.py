@@ -49,6 +49,8 @@ Ties are broken by unit key, so a plan is a function of the set of units, not of
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -195,10 +197,7 @@ def _drop_order(u: RoutedUnit) -> tuple[float, SubExpertKey]:
 
 
 def _prefix(units: Iterable[RoutedUnit]) -> list[float]:
-    out = [0.0]
-    for u in units:
-        out.append(out[-1] + u.score)
-    return out
+    return [0.0, *itertools.accumulate(u.score for u in units)]
 
 
 @dataclass(frozen=True)
@@ -284,8 +283,10 @@ class _Layer:
     def nofetch_cases(self, missing: list[RoutedUnit], inflight: list[RoutedUnit]) -> Iterator[_Candidate]:
         """Nothing fetched: the j latest in-flight units leave the copy queue and join the misses in
         a pool that the CPU computes, lowest scores dropped first."""
+        pool = list(missing)
         for j in range(len(inflight) + 1):
-            pool = sorted(missing + inflight[:j], key=_drop_order) if j else missing  # j is small
+            if j:
+                bisect.insort(pool, inflight[j - 1], key=_drop_order)
             prefix = _prefix(pool)
             copy_s = inflight[j].ready_s if j < len(inflight) else 0.0
 
