@@ -46,6 +46,7 @@ def test_formulas() -> None:
 
 @pytest.mark.parametrize("bad", [{"unit_bytes": 0}, {"h2d_sizes": (2, 1), "h2d_bytes_per_s": (1.0, 1.0)},
                                  {"h2d_sizes": (), "h2d_bytes_per_s": ()}, {"cpu_bytes_per_s": 0.0},
+                                 {"cpu_bytes_per_s": float("inf")},
                                  {"h2d_latency_s": -1.0}, {"gpu_unit_s": float("nan")}])
 def test_bad_models_raise(bad: dict) -> None:
     with pytest.raises(InputError):

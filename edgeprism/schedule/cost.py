@@ -67,8 +67,8 @@ class CostModel:
         if list(self.h2d_sizes) != sorted(set(self.h2d_sizes)) or self.h2d_sizes[0] <= 0:
             raise InputError(f"h2d_sizes must be positive and strictly increasing, got {self.h2d_sizes}")
         rates = (*self.h2d_bytes_per_s, self.cpu_bytes_per_s)
-        if any(not r > 0 for r in rates):
-            raise InputError(f"bandwidths must be positive, got {rates}")
+        if any(not 0 < r < math.inf for r in rates):
+            raise InputError(f"bandwidths must be positive and finite, got {rates}")
         times = (self.h2d_latency_s, self.cpu_call_s, self.gpu_call_s, self.gpu_unit_s)
         if any(not (t >= 0 and math.isfinite(t)) for t in times):
             raise InputError(f"latencies must be finite and ≥ 0, got {times}")
