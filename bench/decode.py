@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         bar.set_postfix_str(f"{system} {budget}")
         try:
             if system == "edgeprism":
-                rec = run_edgeprism(source, budget, args, "edgeprism")
+                rec = run_edgeprism(source, budget, args, "edgeprism", prefetch=True)  # as measured: on
             elif system == "edgeprism-noprefetch":
                 rec = run_edgeprism(source, budget, args, system, prefetch=False)
             elif system == "lru-expert":

@@ -2,8 +2,9 @@
 
     python bench/report.py
 
-Numbers in bench/README.md come only from bench/results/*/results.json: the text between the
-markers is regenerated from them, the rest of the page is written by hand.
+Numbers in bench/README.md come only from bench/results/*/results.json (and */quality.json, from
+bench/quality.py): the text between the markers is regenerated from them, the rest of the page is
+written by hand.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+QBEGIN, QEND = "<!-- quality:begin -->", "<!-- quality:end -->"
 COLUMNS = [("system", "system"), ("vram_gb", "VRAM GB"), ("tokens_per_s", "tok/s"), ("p50_ms", "p50 ms"),
            ("p95_ms", "p95 ms"), ("ttft_ms", "TTFT ms"), ("hit_rate", "hit rate"), ("bytes_per_token", "MB/token"),
-           ("h2d_gbps", "H2D GB/s"), ("peak_vram_gb", "peak VRAM GB")]
+           ("h2d_gbps", "H2D GB/s"), ("peak_vram_gb", "peak VRAM GB"), ("prefetch_recall", "pred. recall"),
+           ("stall_ms_per_token", "stall ms/token")]
 
 
 def fmt(key: str, value: Any) -> str:
@@ -33,7 +36,7 @@ def fmt(key: str, value: Any) -> str:
 
 def table(records: list[dict[str, Any]]) -> str:
     rows = ["| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    order = {s: i for i, s in enumerate(["edgeprism", "lru-expert", "accelerate", "pcie-bound", "resident",
+    order = {s: i for i, s in enumerate(["edgeprism", "edgeprism-noprefetch", "lru-expert", "accelerate", "pcie-bound", "resident",
                                          "edgeprism-resident", "transformers"])}
     for r in sorted(records, key=lambda r: (order.get(r["system"], 99), r.get("vram_gb") or 1e9)):
         rows.append("| " + " | ".join(fmt(k, r.get(k)) for k, _ in COLUMNS) + " |")
@@ -73,10 +76,12 @@ def section(folder: Path) -> str:
     title = (f"{first['model']} ({first['layers']} layers), routing={first.get('routing', 'model')}, "
              f"{first['device']}, {first['date']}")
     png = folder / "tokens_per_s_vs_budget.png"
-    plot(main, png, title)
+    budgets = any(r.get("vram_gb") is not None for r in main)
+    if budgets:
+        plot(main, png, title)
     others = [r for r in records if r.get("model") != first["model"]]
     text = [f"### {folder.name}", "", f"{title}  ", f"command: `{first['command']}`", "",
-            f"![tokens/s vs budget]({png.relative_to(HERE)})", "", table(main)]
+            *([f"![tokens/s vs budget]({png.relative_to(HERE)})", ""] if budgets else []), table(main)]
     if others:
         o = others[0]
         text += ["", f"Fully resident, {o['model']} ({o['layers']} layers), same weights:", "", table(others)]
@@ -92,6 +97,22 @@ def main() -> None:
     _, _, tail = rest.partition(END)
     readme.write_text(f"{head}{BEGIN}\n{body}\n{END}{tail}")
     print(f"updated {readme} from {len(folders)} result folders")
+    quality_sections(readme)
+
+
+def quality_sections(readme: Path) -> None:
+    """The quality runs (bench/quality.py, */quality.json) between their own markers."""
+    from quality import readme_section
+
+    folders = sorted(p.parent for p in (HERE / "results").glob("*/quality.json"))
+    text = readme.read_text()
+    if QBEGIN not in text:
+        return
+    head, _, rest = text.partition(QBEGIN)
+    _, _, tail = rest.partition(QEND)
+    body = "\n\n".join(readme_section(f) for f in folders)
+    readme.write_text(f"{head}{QBEGIN}\n{body}\n{QEND}{tail}")
+    print(f"updated {readme} from {len(folders)} quality runs")
 
 
 if __name__ == "__main__":

@@ -413,7 +413,7 @@ def load(model: str | os.PathLike | MemoryCheckpoint | None = None, vram_gb: flo
          dtype: str | torch.dtype | None = None, *, policy: str = "lru", groups: int | None = None, max_context: int = 4096,
          prefill_chunk: int = 256, pin_memory: bool = True, cache_fraction: float | None = None,
          expert_dtype: str | torch.dtype | None = None,
-         gather_limit: int = 256 * 2**20, cuda_graphs: bool = True, prefetch: bool = True, lookahead: int = 1,
+         gather_limit: int = 256 * 2**20, cuda_graphs: bool = True, prefetch: bool = False, lookahead: int = 1,
          predict_experts: int | None = None, progress: Progress | None = None) -> Engine:
     """Load a Hugging Face MoE checkpoint directory (None = the embedded default model), or an
     in-memory `MemoryCheckpoint`.
@@ -425,9 +425,11 @@ def load(model: str | os.PathLike | MemoryCheckpoint | None = None, vram_gb: flo
     2-4x fewer bytes per miss; None = `dtype`. Resident weights always use `dtype`.
     `model` may also be a refactored-model directory (`edgeprism refactor`): its source checkpoint
     is loaded with the artifact's neuron groups and sub-expert gate; `groups` then defaults to its G.
-    With a dynamic cache (the experts do not all fit), `prefetch` predicts the experts of the next
-    `lookahead` MoE layers from the current hidden state and copies `predict_experts` of them per
-    layer (default: top_k) on a separate CUDA stream while the current layer computes.
+    With a dynamic cache (the experts do not all fit), `prefetch=True` predicts the experts of the
+    next `lookahead` MoE layers from the current hidden state and copies `predict_experts` of them
+    per layer (default: top_k) on a separate CUDA stream while the current layer computes. It is off
+    by default: on every setup measured so far (bench/README.md) it cost 0–15% tokens/s, because
+    decode there was bound by per-layer overhead or by misses no predictor can foresee.
     """
     if vram_gb is not None and (isinstance(vram_gb, bool) or not isinstance(vram_gb, (int, float))):
         raise InputError(f"vram_gb={vram_gb!r}: must be a number of GB or None.")

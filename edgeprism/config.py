@@ -185,7 +185,7 @@ class EngineConfig:
     gather_limit: int = 256 * 2**20  # decode gathers at most this many bytes of expert weights per layer
     expert_dtype: str | None = None  # routed experts' storage: bf16/fp16/fp32/int8/int4 (None = dtype)
     cuda_graphs: bool = True  # replay the decode step (or its per-layer segments) as CUDA graphs
-    prefetch: bool = True  # predict the next layers' experts and copy them in ahead of need
+    prefetch: bool = False  # predict the next layers' experts and copy them in ahead of need (opt-in: see docs)
     lookahead: int = 1  # how many MoE layers ahead the predictor looks (1-3)
     predict_experts: int | None = None  # experts prefetched per target layer (None = top_k)
 

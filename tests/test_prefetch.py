@@ -82,6 +82,7 @@ class FakeCopies:
 
 
 def load_cpu(path, **kw):
+    kw.setdefault("prefetch", True)  # opt-in in the API
     return edgeprism.load(path, device="cpu", dtype="fp32", prefill_chunk=4, **kw)
 
 

@@ -34,7 +34,7 @@ def test_segments_and_copy_stream_match_the_resident_graph(checkpoints, name):
 
 
 def test_copies_run_on_their_own_stream(checkpoints):
-    eng = edgeprism.load(checkpoints["olmoe"], device="cuda", dtype="bf16", cache_fraction=0.2)
+    eng = edgeprism.load(checkpoints["olmoe"], device="cuda", dtype="bf16", cache_fraction=0.2, prefetch=True)
     copies = eng.fetch.engine
     assert copies.h2d != torch.cuda.current_stream()
     eng.generate_ids(IDS, max_new_tokens=8)
