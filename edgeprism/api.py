@@ -10,6 +10,7 @@ any stream can be cancelled from another thread (`streaming.py`).
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -393,6 +394,12 @@ class Engine:
                 if hasattr(self, attr):
                     delattr(self, attr)
             if self.device.type == "cuda":
+                gc.collect()  # graphs and streams can sit in reference cycles
+                # cuBLAS keeps a workspace per stream it ran on (our copy, warm-up and capture
+                # streams) until told otherwise; it is re-created on demand by the next user
+                clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+                if clear is not None:
+                    clear()
                 torch.cuda.empty_cache()
 
     def __enter__(self) -> "Engine":

@@ -141,7 +141,13 @@ class DenseFormat(UnitFormat):
     def grouped(self, x: torch.Tensor, parts: Parts, slots: torch.Tensor, tokens: torch.Tensor,
                 weights: torch.Tensor) -> torch.Tensor:
         assert isinstance(parts, DenseParts)
-        if self.row_dtype == x.dtype:  # bit-identical to the path before formats existed
+        if self.row_dtype == x.dtype:
+            if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and triton_ready():
+                # read each unit's weights once, straight from its slot: gather + bmm moved every
+                # weight three times (measured 202 µs against ~40 µs per Qwen3 decode layer)
+                from edgeprism.moe import quant_triton
+
+                return quant_triton.grouped_dense(x, parts.w13, parts.w2, slots, tokens, weights)
             return grouped_swiglu(x, parts.w13, parts.w2, slots, tokens, weights)
         return super().grouped(x, parts, slots, tokens, weights)
 

@@ -107,6 +107,7 @@ class Blocks:
 # int8 36 µs/layer (1.04 TB/s of stored weights), int4 55 µs/layer (0.36 TB/s)
 INT8_BLOCKS = Blocks(n13=8, n2=32, k13=256, k2=256)
 INT4_BLOCKS = Blocks(n13=16, n2=32, k13=1, k2=1, warps13=8)
+DENSE_BLOCKS = Blocks(n13=8, n2=32, k13=128, k2=128)  # 16-bit weights: half the K of int8 per step
 
 
 def _step_k(K: int, group_size: int, groups_per_step: int) -> int:
@@ -115,6 +116,17 @@ def _step_k(K: int, group_size: int, groups_per_step: int) -> int:
     while (K // group_size) % kg:
         kg //= 2
     return kg * group_size
+
+
+def grouped_dense(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, slots: torch.Tensor,
+                  tokens: torch.Tensor, weights: torch.Tensor, blocks: Blocks = DENSE_BLOCKS) -> torch.Tensor:
+    """`grouped` for unquantized 16-bit units: the int8 kernels with the weights as they are and a
+    unit scale (a stride-0 row of ones). w13 [S, 2Ig, D], w2 [S, D, Ig] pool views -> [T, D]."""
+    D, IG = x.shape[1], w2.shape[-1]
+    ones = torch.ones(max(2 * IG, D), dtype=torch.float32, device=x.device)
+    parts = QuantParts(q13=w13, s13=ones[None, :2 * IG].expand(w13.shape[0], -1),
+                       q2=w2, s2=ones[None, :D].expand(w2.shape[0], -1))
+    return grouped(x, parts, slots, tokens, weights, int4=False, group_size=0, blocks=blocks)
 
 
 def grouped(x: torch.Tensor, parts: QuantParts, slots: torch.Tensor, tokens: torch.Tensor,
