@@ -435,7 +435,7 @@ def load(model: str | os.PathLike | MemoryCheckpoint | None = None, vram_gb: flo
     With a dynamic cache (the experts do not all fit), `prefetch=True` predicts the experts of the
     next `lookahead` MoE layers from the current hidden state and copies `predict_experts` of them
     per layer (default: top_k) on a separate CUDA stream while the current layer computes. It is off
-    by default: on every setup measured so far (bench/README.md) it cost 0–15% tokens/s, because
+    by default: on every setup measured so far (bench/README.md) it moved tokens/s between −15% and +3%, because
     decode there was bound by per-layer overhead or by misses no predictor can foresee.
     """
     if vram_gb is not None and (isinstance(vram_gb, bool) or not isinstance(vram_gb, (int, float))):
