@@ -16,8 +16,6 @@ segment parity, so running a segment twice (its eager warm-up, then the graph) g
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from edgeprism.cache.keys import SubExpertKey
@@ -56,7 +54,6 @@ class LayerwiseDecode:
         # (cuBLAS a workspace per stream), so a fresh stream per capture left memory behind each time.
         self.warmup_stream = torch.cuda.Stream(device) if self.use_graphs else None
         self.capture_stream = torch.cuda.Stream(device) if self.use_graphs else None
-        self.layer_seconds = 0.0  # EMA of host wall time per MoE layer (for stats and sizing)
 
     def _alloc(self, dim: int, dtype: torch.dtype) -> None:
         dev, kG = self.device, self.k * self.G
@@ -91,7 +88,6 @@ class LayerwiseDecode:
         held: list[SubExpertKey] = []
         try:
             for j in range(self.M + 1):
-                t0 = time.perf_counter()
                 self._run(j, length)
                 if held:
                     self.fetch.release(held)  # copies into these slots now wait for segment j (a read mark)
@@ -99,7 +95,6 @@ class LayerwiseDecode:
                 if j == self.M:
                     break
                 held = self._serve_layer(j)
-                self.layer_seconds = 0.9 * self.layer_seconds + 0.1 * (time.perf_counter() - t0)
         finally:
             if held:  # an error mid-token: leave no unit pinned
                 self.fetch.release(held)
