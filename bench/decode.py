@@ -90,12 +90,13 @@ def h2d_bandwidth(unit_bytes: int, total_bytes: int, device: torch.device) -> di
     return out
 
 
-def decode_run(engine: Any, prompt: list[int], tokens: int, warmup: int, reset) -> dict[str, Any]:  # noqa: ANN001
-    """TTFT, then per-token decode latencies after `warmup` tokens (counters reset at that point)."""
+def decode_run(engine: Any, prompt: list[int], tokens: int, warmup: int, reset, **gen: Any) -> dict[str, Any]:  # noqa: ANN001
+    """TTFT, then per-token decode latencies after `warmup` tokens (counters reset at that point);
+    `gen`: extra generation options (quality=, latency_ms=)."""
     device = engine.device
     sync(device)
     t0 = time.perf_counter()
-    it = engine.stream_ids(prompt, max_new_tokens=warmup + tokens + 1, temperature=1.0, seed=0)
+    it = engine.stream_ids(prompt, max_new_tokens=warmup + tokens + 1, temperature=1.0, seed=0, **gen)
     next(it)
     ttft = time.perf_counter() - t0
     for _ in range(warmup):
@@ -147,7 +148,7 @@ def load_engine(source: Any, budget: float | None, args: argparse.Namespace, **k
 
 
 def run_edgeprism(source: Any, budget: float | None, args: argparse.Namespace, system: str,
-                  **kw: Any) -> dict[str, Any]:
+                  gen: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -160,7 +161,7 @@ def run_edgeprism(source: Any, budget: float | None, args: argparse.Namespace, s
     if hasattr(copies, "timed"):
         copies.timed = True  # time the prefetcher's copies (demand and ahead of need)
     prompt = torch.randint(0, engine.spec.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
-    rec = decode_run(engine, prompt, args.tokens, args.warmup, engine.reset_stats)
+    rec = decode_run(engine, prompt, args.tokens, args.warmup, engine.reset_stats, **(gen or {}))
     s = engine.stats()
     copy_s = copies.copy_seconds() if hasattr(copies, "copy_seconds") else 0.0
     rec.update(system=system, vram_gb=budget, hit_rate=s["hit_rate"], bytes_per_token=s["bytes_h2d"] / rec["tokens"],
@@ -171,7 +172,9 @@ def run_edgeprism(source: Any, budget: float | None, args: argparse.Namespace, s
                prefetch_recall=s["prefetch_recall"], prefetch_precision=s["prefetch_precision"],
                stall_ms_per_token=s["stall_s"] * 1e3 / rec["tokens"],
                prefetch_bytes_used_per_token=s["prefetch_bytes_used"] / rec["tokens"],
-               prefetch_bytes_wasted_per_token=s["prefetch_bytes_wasted"] / rec["tokens"])
+               prefetch_bytes_wasted_per_token=s["prefetch_bytes_wasted"] / rec["tokens"],
+               schedule=s["schedule"], **(gen or {}),
+               **{k: s[k] for k in SCHED_KEYS if k in s})
     if device.type == "cuda":
         rec["peak_vram_gb"] = (torch.cuda.max_memory_allocated(device) - base) / GiB
         if budget is not None:
@@ -180,6 +183,16 @@ def run_edgeprism(source: Any, budget: float | None, args: argparse.Namespace, s
     del engine
     gc.collect()
     return rec
+
+
+SCHED_KEYS = ("units_hit", "units_wait", "units_fetch", "units_cpu", "units_drop", "cpu_calls", "cpu_bytes", "cpu_s",
+              "cpu_gbps", "mass_kept")
+SCHED_SYSTEMS = {  # system -> (load options, generation options)
+    "edgeprism-fetch": ({"schedule": "fetch"}, {}),
+    "edgeprism-cpu": ({"schedule": "cpu"}, {}),
+    "edgeprism-hybrid": ({"schedule": "hybrid"}, {}),
+    "edgeprism-hybrid-q0.95": ({"schedule": "hybrid"}, {"quality": 0.95}),
+}
 
 
 def run_lru_expert(source: Any, budget: float, args: argparse.Namespace) -> dict[str, Any]:
@@ -274,6 +287,10 @@ def run_transformers_resident(cfg: dict[str, Any], args: argparse.Namespace) -> 
     return [hf, ours]
 
 
+def budget_index(args: argparse.Namespace, budget: float) -> int:
+    return args.budgets.index(budget) if len(args.latency_ms) == len(args.budgets) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--geometry", default="qwen3-30b-a3b", choices=sorted(GEOMETRIES))
@@ -297,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resident-vs-transformers", default=None, choices=sorted(GEOMETRIES),
                    help="also compare edgeprism resident with transformers' generate on this geometry (GPU)")
     p.add_argument("--quick", action="store_true", help="tiny CPU smoke run")
+    p.add_argument("--cpu-threads", type=int, default=None, help="threads of the CPU expert path (default CPUs − 1)")
+    p.add_argument("--latency-ms", type=float, nargs="+", default=[10.0],
+                   help="edgeprism-latency: per-token target, one per budget (or one for all)")
     p.add_argument("--out", default=None, help="folder for results.json (default bench/results/<date>-<device>)")
     args = p.parse_args(argv)
     if args.quick:
@@ -322,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     systems = args.systems.split(",")
     if (args.expert_dtype or "").startswith("int") and "lru-expert" in systems:
         systems.remove("lru-expert")  # the baseline computes dense units only
-    plan = [(s, b) for s in ("edgeprism", "edgeprism-noprefetch", "lru-expert") if s in systems for b in args.budgets]
+    budgeted = ("edgeprism", "edgeprism-noprefetch", *SCHED_SYSTEMS, "edgeprism-latency", "lru-expert")
+    plan = [(s, b) for s in budgeted if s in systems for b in args.budgets]
     plan += [("resident", None)] if "resident" in systems else []
     plan += [("accelerate", b) for b in args.budgets] if "accelerate" in systems and cfg and device.type == "cuda" else []
     records: list[dict[str, Any]] = []
@@ -334,6 +355,12 @@ def main(argv: list[str] | None = None) -> int:
                 rec = run_edgeprism(source, budget, args, "edgeprism", prefetch=True)  # as measured: on
             elif system == "edgeprism-noprefetch":
                 rec = run_edgeprism(source, budget, args, system, prefetch=False)
+            elif system in SCHED_SYSTEMS:
+                load_kw, gen = SCHED_SYSTEMS[system]
+                rec = run_edgeprism(source, budget, args, system, gen=gen, cpu_threads=args.cpu_threads, **load_kw)
+            elif system == "edgeprism-latency":  # hybrid holding a per-token latency target
+                gen = {"latency_ms": args.latency_ms[budget_index(args, budget)]}
+                rec = run_edgeprism(source, budget, args, system, gen=gen, cpu_threads=args.cpu_threads, schedule="hybrid")
             elif system == "lru-expert":
                 rec = run_lru_expert(source, budget, args)
             elif system == "resident":

@@ -37,6 +37,9 @@ from edgeprism.prefetch.prefetcher import CudaCopies, InlineCopies, Prefetcher
 from edgeprism.runtime.graphs import DecodeStep
 from edgeprism.runtime.layerwise import LayerwiseDecode
 from edgeprism.runtime.memory import GiB, BudgetPlan, free_device_bytes, plan_budget
+from edgeprism.schedule.cost import CostModel, for_store
+from edgeprism.schedule.cpu_experts import CpuExperts
+from edgeprism.schedule.misses import MissScheduler
 from edgeprism.sampling import Sampling, choose
 from edgeprism.streaming import Generation, OnToken, TextStream, check_stops
 
@@ -84,7 +87,8 @@ class Engine:
     """A loaded model ready to generate. Build it with `edgeprism.load()`."""
 
     def __init__(self, source: Checkpoint | MemoryCheckpoint, config: EngineConfig, device: torch.device,
-                 dtype: torch.dtype, progress: Progress | None = None, refactored: Refactored | None = None) -> None:
+                 dtype: torch.dtype, progress: Progress | None = None, refactored: Refactored | None = None,
+                 cost: CostModel | None = None, recalibrate: bool = False) -> None:
         self.config, self.device, self.dtype = config, device, dtype
         self.refactored = refactored  # a refactor artifact: neuron order and sub-expert gate data
         self.checkpoint, self.path = source, source.path
@@ -102,6 +106,7 @@ class Engine:
         copies = CudaCopies(device) if device.type == "cuda" else InlineCopies()
         self.fetch = Prefetcher(self.cache, copies)
         self.experts = OffloadedExperts(self.cache, self.fetch, config.gather_limit)
+        self.sched = self._miss_scheduler(cost, recalibrate)
         self.model = self._build_decoder()
         self.gate = self._unit_gate()
         self.decode_step = self._decode_step()
@@ -150,6 +155,26 @@ class Engine:
                 block.ffn.unit_gate = gate
         return gate
 
+    def _miss_scheduler(self, cost: CostModel | None, recalibrate: bool) -> MissScheduler | None:
+        """The decode-time scheduler of misses (`schedule` = "cpu" or "hybrid"), with this machine's
+        cost model (measured at first use and cached on disk, or `cost` as given). None when every
+        miss is fetched, or when nothing can miss (all experts resident) or decode goes unit by unit."""
+        cfg = self.config
+        if cfg.schedule == "fetch":
+            return None
+        if self.experts.slot_map is not None or not self.experts.can_gather(self.spec.top_k):
+            log.info("schedule=%r has nothing to do: %s", cfg.schedule, "every expert is resident"
+                     if self.experts.slot_map is not None else "decode runs unit by unit (units exceed gather_limit)")
+            return None
+        if cost is None:
+            cost = for_store(self.store, self.device, threads=cfg.cpu_threads, recalibrate=recalibrate)
+        elif cost.unit_bytes != self.format.unit_bytes:
+            raise ConfigError(f"the cost model prices units of {cost.unit_bytes} bytes but this model's units have "
+                              f"{self.format.unit_bytes}; pass cost=None to measure it on this machine.")
+        if self.device.type == "cuda":
+            self.fetch.copy_cost = cost  # predicts when in-flight copies land
+        return MissScheduler(cfg.schedule, cost, CpuExperts(self.format, cfg.cpu_threads), self.store, self.fetch)
+
     def _decode_step(self) -> DecodeStep | LayerwiseDecode:
         """All experts resident: one graph per token. Dynamic cache: graph segments per MoE layer,
         with prefetch. Units too large to gather: the plain eager step (unit by unit)."""
@@ -157,7 +182,8 @@ class Engine:
         if self.experts.slot_map is not None or not self.experts.can_gather(self.spec.top_k):
             return DecodeStep(self.model, self.device, cfg.cuda_graphs and self.experts.slot_map is not None)
         return LayerwiseDecode(self.model, self.experts, self.fetch, self.device, cfg.cuda_graphs,
-                               lookahead=cfg.lookahead if cfg.prefetch else 0, predict_experts=cfg.predict_experts)
+                               lookahead=cfg.lookahead if cfg.prefetch else 0, predict_experts=cfg.predict_experts,
+                               sched=self.sched)
 
     def _read_expert(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ckpt, spec, ad = self.checkpoint, self.spec, adapter_for(self.spec)
@@ -376,6 +402,8 @@ class Engine:
             "host_pinned": self.store.pinned, "policy": self.config.policy, "groups": self.config.groups,
             "prefetch": isinstance(self.decode_step, LayerwiseDecode) and self.decode_step.predictor is not None,
             **self.fetch.summary(),
+            "schedule": self.config.schedule if self.sched is not None else "fetch",
+            **(self.sched.stats.as_dict() if self.sched is not None else {}),
         }
 
     def reset_stats(self) -> None:
@@ -384,13 +412,17 @@ class Engine:
             self.cache.reset_copy_stats()
             self.fetch.reset_stats()
             self.gate.units_dropped = 0
+            if self.sched is not None:
+                self.sched.reset_stats()
             self._counts = {"tokens": 0, "prompt_tokens": 0, "forward_tokens": 0}
 
     def close(self) -> None:
         """Free device memory and pinned RAM; the engine cannot be used afterwards."""
         with self._lock:
             self._session += 1
-            for attr in ("decode_step", "model", "gate", "experts", "fetch", "cache", "store"):
+            if getattr(self, "sched", None) is not None:
+                self.sched.close()
+            for attr in ("decode_step", "model", "gate", "sched", "experts", "fetch", "cache", "store"):
                 if hasattr(self, attr):
                     delattr(self, attr)
             if self.device.type == "cuda":
@@ -421,7 +453,8 @@ def load(model: str | os.PathLike | MemoryCheckpoint | None = None, vram_gb: flo
          prefill_chunk: int = 256, pin_memory: bool = True, cache_fraction: float | None = None,
          expert_dtype: str | torch.dtype | None = None,
          gather_limit: int = 256 * 2**20, cuda_graphs: bool = True, prefetch: bool = False, lookahead: int = 1,
-         predict_experts: int | None = None, progress: Progress | None = None) -> Engine:
+         predict_experts: int | None = None, schedule: str = "fetch", cpu_threads: int | None = None,
+         cost: CostModel | None = None, recalibrate: bool = False, progress: Progress | None = None) -> Engine:
     """Load a Hugging Face MoE checkpoint directory (None = the embedded default model), or an
     in-memory `MemoryCheckpoint`.
 
@@ -437,6 +470,12 @@ def load(model: str | os.PathLike | MemoryCheckpoint | None = None, vram_gb: flo
     per layer (default: top_k) on a separate CUDA stream while the current layer computes. It is off
     by default: on every setup measured so far (bench/README.md) it moved tokens/s between −15% and +3%, because
     decode there was bound by per-layer overhead or by misses no predictor can foresee.
+    `schedule` says what a decode step does with a unit that is not in the cache: "fetch" copies it
+    in over PCIe; "cpu" computes it on the CPU from pinned RAM (`cpu_threads` threads, default CPUs − 1)
+    while the GPU runs the cached ones; "hybrid" splits each layer's misses between the two from this
+    machine's cost model (copy, CPU and GPU prices: measured at the first load and cached on disk
+    under ~/.cache/edgeprism/cost, `recalibrate=True` measures again, `cost` gives one), and lets
+    generation calls trade quality for speed (`quality=`, `latency_ms=`). Prefill always fetches.
     """
     if vram_gb is not None and (isinstance(vram_gb, bool) or not isinstance(vram_gb, (int, float))):
         raise InputError(f"vram_gb={vram_gb!r}: must be a number of GB or None.")
@@ -451,12 +490,13 @@ def load(model: str | os.PathLike | MemoryCheckpoint | None = None, vram_gb: flo
                           prefill_chunk=prefill_chunk, pin_memory=pin_memory, cache_fraction=cache_fraction,
                           expert_dtype=expert_dtype,
                           gather_limit=gather_limit, cuda_graphs=cuda_graphs, prefetch=prefetch,
-                          lookahead=lookahead, predict_experts=predict_experts)
+                          lookahead=lookahead, predict_experts=predict_experts, schedule=schedule,
+                          cpu_threads=cpu_threads)
     dev = resolve_device(device)
     source = model if isinstance(model, MemoryCheckpoint) else Checkpoint(resolve_model(model))
     if refactored is not None:
         refactored.check_spec(source.spec)
-    return Engine(source, config, dev, resolve_dtype(dtype, dev), progress, refactored)
+    return Engine(source, config, dev, resolve_dtype(dtype, dev), progress, refactored, cost, recalibrate)
 
 
 _engines: dict[tuple[str, float | None], Engine] = {}

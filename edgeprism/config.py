@@ -188,6 +188,8 @@ class EngineConfig:
     prefetch: bool = False  # predict the next layers' experts and copy them in ahead of need (opt-in: see docs)
     lookahead: int = 1  # how many MoE layers ahead the predictor looks (1-3)
     predict_experts: int | None = None  # experts prefetched per target layer (None = top_k)
+    schedule: str = "fetch"  # decode misses: "fetch" (copy in), "cpu" (compute on the CPU), "hybrid" (planner)
+    cpu_threads: int | None = None  # threads of the CPU expert path (None = CPUs − 1)
 
     def __post_init__(self) -> None:
         if self.vram_gb is not None and not self.vram_gb > 0:
@@ -201,6 +203,12 @@ class EngineConfig:
             raise ConfigError(f"lookahead={self.lookahead!r}: must be 1, 2 or 3 MoE layers.")
         if self.predict_experts is not None and (not isinstance(self.predict_experts, int) or self.predict_experts < 1):
             raise ConfigError(f"predict_experts={self.predict_experts!r}: must be a positive integer or None.")
+        if self.schedule not in ("fetch", "cpu", "hybrid"):
+            raise ConfigError(f"schedule={self.schedule!r}: must be 'fetch' (copy misses to the GPU), 'cpu' "
+                              "(compute misses on the CPU) or 'hybrid' (choose per layer from the cost model).")
+        if self.cpu_threads is not None and (isinstance(self.cpu_threads, bool) or not isinstance(self.cpu_threads, int)
+                                             or self.cpu_threads < 1):
+            raise ConfigError(f"cpu_threads={self.cpu_threads!r}: must be a positive integer or None.")
         if self.cache_fraction is not None and not 0 < self.cache_fraction <= 1:
             raise ConfigError(f"cache_fraction={self.cache_fraction}: must be in (0, 1].")
 

@@ -24,7 +24,7 @@ class ExpertCache:
     def __init__(self, store: HostStore, num_slots: int, device: torch.device, policy: str) -> None:
         self.store = store
         self.device = device
-        self.pool = torch.empty(num_slots, store.numel, dtype=store.arenas[store.layers[0]].dtype, device=device)
+        self.pool = torch.zeros(num_slots, store.numel, dtype=store.arenas[store.layers[0]].dtype, device=device)
         self.format = store.format  # how units are stored and computed (moe/quant.py)
         self.parts = self.format.parts(self.pool)
         # dense views [S, 2Ig, D], [S, D, Ig]; None for quantized formats (use format + parts)

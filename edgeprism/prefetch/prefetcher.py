@@ -19,6 +19,7 @@ cache entry, and a unit the current layer uses is pinned, so no prefetch can evi
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -27,6 +28,8 @@ import torch
 
 from edgeprism.cache.keys import SubExpertKey
 from edgeprism.cache.vram_cache import ExpertCache, coalesce
+from edgeprism.schedule.cost import CostModel
+from edgeprism.schedule.scheduler import Residency
 
 Ticket = Any  # an engine's handle on one issued copy (a CUDA event, or None once complete)
 
@@ -193,6 +196,30 @@ class Prefetcher:
         self._predicted: dict[int, set[SubExpertKey]] = {}  # target layer -> predicted units
         self._inflight: dict[int, set[SubExpertKey]] = {}  # target layer -> units placed by prefetch
         self.stats = PrefetchStats.empty(self.num_layers)
+        # A host-side model of the copy engine for the scheduler (`residency`): copies run one after
+        # another, each taking `copy_cost.h2d_seconds(bytes)`; None (CPU, inline copies) = instant.
+        self.copy_cost: CostModel | None = None
+        self._busy_until = 0.0  # perf_counter time when the last issued copy is predicted to land
+        self._ready_at: dict[int, float] = {}  # slot -> predicted landing time of its last copy
+
+    # ----- what the scheduler sees -----
+
+    def residency(self, key: SubExpertKey, now: float) -> tuple[Residency, float]:
+        """Where `key` is: resident, in flight (with seconds until it is predicted to land), or missing."""
+        slot = self.table.lookup(key)
+        if slot is None:
+            return Residency.MISSING, 0.0
+        ready = self._ready_at.get(slot, 0.0) - now
+        return (Residency.INFLIGHT, ready) if ready > 0 else (Residency.RESIDENT, 0.0)
+
+    def copy_free_s(self, now: float) -> float:
+        """Seconds until the copies issued so far are predicted to have landed."""
+        return max(0.0, self._busy_until - now)
+
+    def settle(self, layer: int, keys: Sequence[SubExpertKey]) -> None:
+        """Score `layer`'s prediction against all its routed `keys`, before a scheduler sends some of
+        them elsewhere than `acquire` (the CPU, or nowhere)."""
+        self._settle(layer, keys)
 
     # ----- demand path -----
 
@@ -286,6 +313,11 @@ class Prefetcher:
             for s in range(slot, slot + count):
                 self._pending[s] = ticket
             self.cache.count_copy(src)
+            if self.copy_cost is not None:
+                now = time.perf_counter()
+                self._busy_until = max(now, self._busy_until) + self.copy_cost.h2d_seconds(src.numel() * src.element_size())
+                for s in range(slot, slot + count):
+                    self._ready_at[s] = self._busy_until
 
     def _take_tickets(self, slots: Iterable[int]) -> list[Ticket]:
         tickets: dict[int, Ticket] = {}

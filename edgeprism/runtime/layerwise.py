@@ -25,14 +25,18 @@ from edgeprism.moe.offload import OffloadedExperts
 from edgeprism.prefetch.predictor import NextLayerPredictor
 from edgeprism.prefetch.prefetcher import Prefetcher
 from edgeprism.runtime.graphs import BUCKET
+from edgeprism.schedule.misses import GPU_ACTIONS, MissScheduler
+from edgeprism.schedule.scheduler import Action
 
 
 class LayerwiseDecode:
     """Decode step for a dynamic expert cache: graph segments between per-layer host decisions."""
 
     def __init__(self, model: Decoder, experts: OffloadedExperts, fetch: Prefetcher, device: torch.device,
-                 use_graphs: bool, lookahead: int = 0, predict_experts: int | None = None) -> None:
+                 use_graphs: bool, lookahead: int = 0, predict_experts: int | None = None,
+                 sched: MissScheduler | None = None) -> None:
         self.model, self.experts, self.fetch, self.device = model, experts, fetch, device
+        self.sched = sched  # None: every miss is fetched (no planner, no CPU path in the graphs)
         self.use_graphs = use_graphs and device.type == "cuda"
         self.moe_layers = [i for i, b in enumerate(model.layers) if isinstance(b.ffn, MoEBlock)]
         spec = model.spec
@@ -75,6 +79,15 @@ class LayerwiseDecode:
         self.host_cand = torch.zeros(self.cand.shape, dtype=torch.long, pin_memory=pin)
         self.host_p = torch.zeros(self.cand_p.shape, dtype=torch.float32, pin_memory=pin)
         self.host_slots = torch.zeros(kG, dtype=torch.long, pin_memory=pin)
+        # the scheduler's buffers: per unit a 0/1 scale (0: computed on the CPU or dropped), the CPU
+        # path's partial output added to the layer's, and the host copies of the routing it plans on
+        self.unit_scale = torch.ones(kG, dtype=probe.dtype, device=dev)
+        self.y_extra = torch.zeros(1, dim, dtype=dtype, device=dev)
+        self.host_scale = torch.ones(kG, dtype=probe.dtype, pin_memory=pin)
+        self.host_w = torch.zeros(kG, dtype=probe.dtype, pin_memory=pin)
+        self.host_xn = torch.zeros(1, dim, dtype=dtype, pin_memory=pin)
+        self.host_y = torch.zeros(1, dim, dtype=dtype, pin_memory=pin)
+        self._extra_zero = True  # y_extra holds zeros (no CPU units in the layer last served)
         self.routed = torch.cuda.Event() if pin else None  # routing of the last segment is on the host
         self.predicted = torch.cuda.Event() if pin else None  # so are the predictor's candidates
 
@@ -107,6 +120,9 @@ class LayerwiseDecode:
         prediction adds almost nothing to the layer's critical path.
         """
         self.host_route.copy_(self.route, non_blocking=True)
+        if self.sched is not None:
+            self.host_w.copy_(self.w_units[j % 2], non_blocking=True)
+            self.host_xn.copy_(self.xn[j % 2], non_blocking=True)
         if self.routed is not None:
             self.routed.record()
         if self.predictor is not None:
@@ -120,6 +136,8 @@ class LayerwiseDecode:
         layer, step, G = self.moe_layers[j], self.experts.step, self.G
         experts = self.host_route.tolist()
         keys = [SubExpertKey(layer, e, g) for e in experts for g in range(G)]
+        if self.sched is not None:
+            return self._serve_scheduled(j, keys, experts, step, layer)
         slots = self.fetch.acquire(keys, step, layer)
         # The pinned staging buffer is rewritten only after the next routing read, which follows
         # (on the compute stream) the copy below, so the copy never sees a half-written buffer.
@@ -128,6 +146,43 @@ class LayerwiseDecode:
         if self.predictor is not None:
             self._prefetch(j, experts, step, layer)
         return keys
+
+    def _serve_scheduled(self, j: int, keys: list[SubExpertKey], experts: list[int], step: int,
+                         layer: int) -> list[SubExpertKey]:
+        """`_serve_layer` with a scheduler: GPU units pinned and copied as usual, CPU units computed
+        on the CPU worker meanwhile, dropped units left out; the others' positions get weight 0.
+
+        The CPU result goes to `y_extra`, which the next segment adds to the layer's output. Its
+        staging buffer, like `host_slots`, is rewritten only after the next routing read.
+        """
+        assert self.sched is not None
+        weights = self.host_w.tolist()
+        acts = self.sched.decide(keys, weights)
+        self.fetch.settle(layer, keys)  # the prediction is scored against every routed unit
+        gpu = [i for i, a in enumerate(acts) if a in GPU_ACTIONS]
+        cpu = [i for i, a in enumerate(acts) if a is Action.CPU]
+        pending = self.sched.submit_cpu(self.host_xn, [keys[i] for i in cpu], [weights[i] for i in cpu]) if cpu else None
+        held = [keys[i] for i in gpu]
+        slots = self.fetch.acquire(held, step, layer) if held else []
+        # positions not computed on the GPU read any slot at weight 0 (pool slots always hold finite values)
+        filler = slots[0] if slots else 0
+        host_slots, scale = [filler] * len(keys), [0.0] * len(keys)
+        for i, slot in zip(gpu, slots):
+            host_slots[i], scale[i] = slot, 1.0
+        self.host_slots.copy_(torch.tensor(host_slots, dtype=torch.long))
+        self.host_scale.copy_(torch.tensor(scale))
+        self.slots.copy_(self.host_slots, non_blocking=True)
+        self.unit_scale.copy_(self.host_scale, non_blocking=True)
+        if self.predictor is not None:  # prefetches go out while the CPU works
+            self._prefetch(j, experts, step, layer)
+        if pending is not None:
+            self.host_y.copy_(pending.result())  # blocks on the future (no spin-wait)
+            self.y_extra.copy_(self.host_y, non_blocking=True)
+            self._extra_zero = False
+        elif not self._extra_zero:
+            self.y_extra.zero_()
+            self._extra_zero = True
+        return held
 
     def _prefetch(self, j: int, experts: list[int], step: int, layer: int) -> None:
         self.predictor.observe(j, experts)
@@ -185,7 +240,10 @@ class LayerwiseDecode:
         else:
             layer = self.moe_layers[j - 1]
             cache = self.experts.cache  # format: dense or quantized units (moe/quant.py)
-            y = cache.format.grouped(self.xn[prev], cache.parts, self.slots, self.unit_token, self.w_units[prev])  # [1, D]
+            w = self.w_units[prev] if self.sched is None else self.w_units[prev] * self.unit_scale  # [kG]
+            y = cache.format.grouped(self.xn[prev], cache.parts, self.slots, self.unit_token, w)  # [1, D]
+            if self.sched is not None:
+                y = y + self.y_extra  # units computed on the CPU
             x, first = self.h[prev] + m.layers[layer].ffn.combine(self.xn[prev], y), layer + 1
         last = self.moe_layers[j] if j < self.M else len(m.layers)
         for block in m.layers[first:last]:

@@ -1,0 +1,127 @@
+"""Per MoE layer of a decode token: which routed units run from the cache, which are copied in,
+which run on the CPU and which are dropped — the engine side of `scheduler.plan`.
+
+Three modes (`load(schedule=...)`):
+
+- ``fetch``: every miss is copied over PCIe and computed on the GPU (no planner; the default path);
+- ``cpu``: every miss is computed on the CPU from the host arena, where it already lives; resident
+  and in-flight units still run on the GPU (the baseline that never copies on demand);
+- ``hybrid``: `scheduler.plan` splits each layer's misses between PCIe and the CPU from the
+  machine's `CostModel` and, when the generation call sets a quality floor (`keep` < 1) or a
+  latency budget, drops the lowest-scored misses (never a resident unit).
+
+Residency comes from the prefetcher's host-side model of the copy engine (`Prefetcher.residency`):
+a unit whose copy was issued and has not landed yet is in flight, with its predicted ready time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from edgeprism.cache.host_store import HostStore
+from edgeprism.cache.keys import SubExpertKey
+from edgeprism.errors import InputError
+from edgeprism.prefetch.prefetcher import Prefetcher
+from edgeprism.schedule.cost import CostModel
+from edgeprism.schedule.cpu_experts import CpuExperts
+from edgeprism.schedule.scheduler import Action, Residency, RoutedUnit, plan
+
+MODES = ("fetch", "cpu", "hybrid")
+GPU_ACTIONS = (Action.HIT, Action.WAIT, Action.FETCH)
+
+
+@dataclass
+class MissStats:
+    """Counts of each action over routed units, and the CPU path's work and wall time."""
+
+    actions: dict[str, int] = field(default_factory=lambda: {a.value: 0 for a in Action})
+    cpu_calls: int = 0
+    cpu_bytes: int = 0  # bytes of stored unit rows the CPU path read
+    cpu_s: float = 0.0  # wall time of the CPU calls, on the worker thread
+    planned_s: float = 0.0  # sum of the plans' predicted layer latencies
+    mass_kept: float = 0.0
+    mass_routed: float = 0.0
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return {
+            **{f"units_{name}": n for name, n in self.actions.items()},
+            "cpu_calls": self.cpu_calls, "cpu_bytes": self.cpu_bytes, "cpu_s": self.cpu_s,
+            "cpu_gbps": self.cpu_bytes / self.cpu_s / 1e9 if self.cpu_s > 0 else None,
+            "mass_kept": self.mass_kept / self.mass_routed if self.mass_routed > 0 else None,
+        }
+
+
+class MissScheduler:
+    """Decides each routed unit's action for one layer and runs the CPU share of it.
+
+    `keep` (mass floor in (0, 1]) and `budget_s` (per-layer latency budget, or None) are set per
+    token by the generation call (directly, or by a `qos.QosController`).
+    """
+
+    def __init__(self, mode: str, cost: CostModel, cpu: CpuExperts, store: HostStore, fetch: Prefetcher) -> None:
+        if mode not in MODES:
+            raise InputError(f"schedule={mode!r}: must be one of {MODES}.")
+        self.mode, self.cost, self.cpu, self.store, self.fetch = mode, cost, cpu, store, fetch
+        self.keep, self.budget_s = 1.0, None
+        self.stats = MissStats()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def decide(self, keys: Sequence[SubExpertKey], weights: Sequence[float]) -> list[Action]:
+        """The action of each unit (in `keys` order); `weights` is each unit's routing weight.
+
+        A unit's score for the quality floor is its weight (a unit's share of its expert is taken
+        as equal across groups: `weights` repeat over an expert's groups)."""
+        now = time.perf_counter()
+        units = []
+        for key, w in zip(keys, weights):
+            residency, ready_s = self.fetch.residency(key, now)
+            units.append(RoutedUnit(key, max(float(w), 0.0), residency, ready_s))
+        if self.mode == "cpu":
+            acts = [{Residency.RESIDENT: Action.HIT, Residency.INFLIGHT: Action.WAIT}.get(u.residency, Action.CPU)
+                    for u in units]
+            kept = total = sum(u.score for u in units)
+        else:  # hybrid
+            p = plan(units, self.cost, keep=self.keep, budget_s=self.budget_s,
+                     copy_free_s=max(self.fetch.copy_free_s(now), max((u.ready_s for u in units), default=0.0)))
+            by_key = dict(p.actions)
+            acts = [by_key[k] for k in keys]
+            kept, total = p.kept_mass, p.total_mass
+            self.stats.planned_s += p.latency_s
+        for a in acts:
+            self.stats.actions[a.value] += 1
+        self.stats.mass_kept += kept
+        self.stats.mass_routed += total
+        return acts
+
+    def submit_cpu(self, x: torch.Tensor, keys: Sequence[SubExpertKey], weights: Sequence[float]) -> Future[torch.Tensor]:
+        """Start the CPU path over `keys` (all of one layer) on its worker thread: x [1, D] on the host."""
+        layer = keys[0].layer
+        rows = [self.store.row(k) for k in keys]
+        order = sorted(range(len(rows)), key=rows.__getitem__)  # adjacent rows read as runs
+        w = torch.tensor([float(weights[i]) for i in order], dtype=torch.float32)
+        arena, picked = self.store.arenas[layer], [rows[i] for i in order]
+        self.stats.cpu_calls += 1
+        self.stats.cpu_bytes += len(rows) * self.store.unit_bytes
+
+        def run() -> torch.Tensor:
+            t0 = time.perf_counter()
+            y = self.cpu(x, arena, picked, w)
+            self.stats.cpu_s += time.perf_counter() - t0
+            return y
+
+        if self._pool is None:  # one worker: a layer's CPU call is itself multi-threaded
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeprism-cpu-experts")
+        return self._pool.submit(run)
+
+    def reset_stats(self) -> None:
+        self.stats = MissStats()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None

@@ -1,0 +1,107 @@
+"""The decode-time miss scheduler (`load(schedule=...)`): the CPU path and the planner change where a
+unit is computed, not what: every mode gives the fetch path's logits within fp32 tolerance, on every
+family, with a cache far smaller than the experts. Dropping (a quality floor) is the one exception,
+and it keeps the routed mass it promises.
+
+The cost models here are synthetic (the CI machine's would make every run differ): one that makes
+the CPU path cheap, so the planner sends misses both ways.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import edgeprism
+from conftest import VARIANTS
+from edgeprism.errors import ConfigError
+from edgeprism.schedule.cost import CostModel
+
+NAMES = [v.name for v in VARIANTS]
+PROMPT = [5, 17, 99, 3, 42, 8, 77, 120, 61, 2, 33, 14]
+FED = [7, 64, 21, 90, 11, 3, 58, 36, 101, 12]  # tokens fed one by one after the prompt
+
+
+def synthetic_cost(unit_bytes: int, cpu_gbps: float = 2.0, pcie_gbps: float = 1.0) -> CostModel:
+    return CostModel(unit_bytes=unit_bytes, h2d_latency_s=1e-5, h2d_sizes=(4096, 1 << 20),
+                     h2d_bytes_per_s=(pcie_gbps * 1e9, pcie_gbps * 1e9), cpu_call_s=1e-5,
+                     cpu_bytes_per_s=cpu_gbps * 1e9, gpu_call_s=1e-5, gpu_unit_s=1e-6)
+
+
+def load_cpu(path, **kw):
+    kw.setdefault("cache_fraction", 0.25)
+    return edgeprism.load(path, device="cpu", dtype="fp32", prefill_chunk=4, **kw)
+
+
+def decode_logits(eng) -> torch.Tensor:
+    """Logits [len(FED), V] of the decode step (the scheduled path) after a prefilled prompt."""
+    with eng._lock, torch.inference_mode():
+        eng._run(PROMPT, 0, last_only=True)
+        out = [eng._run([t], len(PROMPT) + i, last_only=True).float().clone() for i, t in enumerate(FED)]
+    return torch.stack(out)
+
+
+@pytest.fixture(scope="module")
+def fetched(checkpoints):
+    """The fetch path (no scheduler): decode logits, greedy tokens and the unit size per variant."""
+    out = {}
+    for name, path in checkpoints.items():
+        eng = load_cpu(path)
+        out[name] = (decode_logits(eng), eng.generate_ids(PROMPT, max_new_tokens=12), eng.stats()["unit_bytes"])
+        eng.close()
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("mode", ["cpu", "hybrid"])
+def test_modes_match_the_fetch_path(checkpoints, fetched, name, mode):
+    ref_logits, ref_tokens, unit_bytes = fetched[name]
+    eng = load_cpu(checkpoints[name], schedule=mode, cost=synthetic_cost(unit_bytes))
+    logits = decode_logits(eng)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    assert eng.generate_ids(PROMPT, max_new_tokens=12) == ref_tokens
+    s = eng.stats()
+    assert s["schedule"] == mode and s["units_drop"] == 0 and s["mass_kept"] == pytest.approx(1.0)
+    assert s["units_cpu"] > 0 and s["cpu_calls"] > 0 and s["cpu_bytes"] == s["units_cpu"] * unit_bytes
+    if mode == "cpu":
+        assert s["units_fetch"] == 0  # misses never cross to the device on demand
+    else:
+        assert s["units_fetch"] > 0  # the planner splits misses between the copy and the CPU
+    eng.close()
+
+
+def test_hybrid_follows_the_cost_model(checkpoints, fetched):
+    """A CPU 1000x slower than the copy: the planner fetches everything, as the fetch path does."""
+    unit_bytes = fetched["olmoe"][2]
+    eng = load_cpu(checkpoints["olmoe"], schedule="hybrid", cost=synthetic_cost(unit_bytes, cpu_gbps=0.001))
+    torch.testing.assert_close(decode_logits(eng), fetched["olmoe"][0], rtol=1e-4, atol=1e-4)
+    s = eng.stats()
+    assert s["units_cpu"] == 0 and s["units_fetch"] > 0 and s["cpu_gbps"] is None
+    eng.close()
+
+
+def test_quality_floor_drops_misses_and_keeps_the_mass(checkpoints, fetched):
+    unit_bytes = fetched["mixtral-gqa"][2] // 4  # dense units: a quarter of the expert each
+    eng = load_cpu(checkpoints["mixtral-gqa"], schedule="hybrid", cost=synthetic_cost(unit_bytes), groups=4)
+    eng.sched.keep = 0.8
+    logits = decode_logits(eng)
+    s = eng.stats()
+    assert s["units_drop"] > 0
+    assert s["mass_kept"] >= 0.8 - 1e-9
+    assert torch.isfinite(logits).all()
+    eng.close()
+
+
+def test_schedule_is_checked(checkpoints):
+    with pytest.raises(ConfigError, match="schedule"):
+        load_cpu(checkpoints["olmoe"], schedule="gpu")
+    with pytest.raises(ConfigError, match="cpu_threads"):
+        load_cpu(checkpoints["olmoe"], schedule="cpu", cpu_threads=0)
+    with pytest.raises(ConfigError, match="cost model"):
+        load_cpu(checkpoints["olmoe"], schedule="hybrid", cost=synthetic_cost(12))
+
+
+def test_resident_experts_need_no_scheduler(checkpoints):
+    eng = load_cpu(checkpoints["olmoe"], schedule="hybrid", cache_fraction=1.0, cost=synthetic_cost(1))
+    assert eng.sched is None and eng.stats()["schedule"] == "fetch"
+    eng.close()
