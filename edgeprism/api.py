@@ -14,6 +14,7 @@ import gc
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from edgeprism.runtime.memory import GiB, BudgetPlan, free_device_bytes, plan_bu
 from edgeprism.schedule.cost import CostModel, for_store
 from edgeprism.schedule.cpu_experts import CpuExperts
 from edgeprism.schedule.misses import MissScheduler
+from edgeprism.schedule.qos import OperatingPoints, QosController
 from edgeprism.sampling import Sampling, choose
 from edgeprism.streaming import Generation, OnToken, TextStream, check_stops
 
@@ -281,13 +283,37 @@ class Engine:
             self._session += 1
             return self._run(ids, 0, last_only=False, keep=keep)
 
-    def _token_iter(self, ids: list[int], max_new_tokens: int, sampling: Sampling, keep: float = 1.0) -> Iterator[int]:
+    def _token_iter(self, ids: list[int], max_new_tokens: int, sampling: Sampling, keep: float = 1.0,
+                    quality: float | None = None, latency_ms: float | None = None) -> Iterator[int]:
         """Check the arguments now (not at the first `next`), then return the token generator."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise InputError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer.")
-        return self._tokens(self._check_ids(ids), max_new_tokens, sampling, check_keep(keep))
+        ids, keep, qos = self._check_ids(ids), check_keep(keep), self._qos(quality, latency_ms)
+        return self._tokens(ids, max_new_tokens, sampling, keep, qos)
 
-    def _tokens(self, ids: list[int], max_new_tokens: int, sampling: Sampling, keep: float = 1.0) -> Iterator[int]:
+    def _qos(self, quality: float | None, latency_ms: float | None) -> QosController | None:
+        """The controller that sets the scheduler's quality floor and latency budget per token."""
+        if quality is None and latency_ms is None:
+            return None
+        if self.config.schedule != "hybrid":
+            raise InputError("quality= and latency_ms= trade quality for speed through the hybrid scheduler; "
+                             "load the model with schedule='hybrid'.")
+        if self.sched is None:
+            return None  # nothing can miss (every expert resident): the fastest plan is already exact
+        table = self.operating_points() if quality is not None else None
+        return QosController(len(self.spec.moe_layers), latency_ms=latency_ms, quality=quality, table=table)
+
+    def operating_points(self) -> OperatingPoints | None:
+        """The model's profiled quality/latency table for this budget (`edgeprism profile`), if any."""
+        if self.path is None:
+            return None
+        path = OperatingPoints.default_path(self.path, self.config.vram_gb)
+        if not path.is_file():
+            return None
+        return OperatingPoints.load(path)
+
+    def _tokens(self, ids: list[int], max_new_tokens: int, sampling: Sampling, keep: float = 1.0,
+                qos: QosController | None = None) -> Iterator[int]:
         """Yield new token ids, taking the lock per token so a paused stream blocks no one."""
         gen, eos = sampling.generator(), self.eos_ids
         with self._lock:
@@ -306,7 +332,7 @@ class Engine:
                     if pos >= self.max_context:
                         log.warning("context window of %d tokens is full; stopping generation", self.max_context)
                         return
-                    logits = self._run([tok], pos, last_only=True, keep=keep)
+                    logits = self._step(tok, pos, keep, qos)
                     pos += 1
                 tok = choose(logits, sampling, gen)
                 self._counts["tokens"] += 1
@@ -314,20 +340,41 @@ class Engine:
             if tok in eos:
                 return
 
+    def _step(self, tok: int, pos: int, keep: float, qos: QosController | None) -> torch.Tensor:
+        """One decode step under this call's quality/latency settings; the controller sees its time."""
+        sched = self.sched
+        if sched is None:
+            return self._run([tok], pos, last_only=True, keep=keep)
+        sched.keep, sched.budget_s = qos.targets() if qos is not None else (1.0, None)
+        t0, planned = time.perf_counter(), sched.stats.planned_s
+        logits = self._run([tok], pos, last_only=True, keep=keep)
+        if qos is not None:
+            if logits.device.type == "cuda":
+                torch.cuda.current_stream(logits.device).synchronize()  # the step's time includes the GPU's
+            qos.observe(time.perf_counter() - t0, sched.stats.planned_s - planned)
+        return logits
+
     def generate_ids(self, input_ids: list[int], max_new_tokens: int = 256, temperature: float = 0.0,
-                     top_p: float = 1.0, top_k: int = 0, seed: int | None = None, keep: float = 1.0) -> list[int]:
+                     top_p: float = 1.0, top_k: int = 0, seed: int | None = None, keep: float = 1.0,
+                     quality: float | None = None, latency_ms: float | None = None) -> list[int]:
         """New token ids only (the prompt is not repeated); stops at an end-of-sequence token.
 
         `keep` (here and in every generation call): fraction of the routed sub-experts' mass computed,
-        in (0, 1]; 1 is exact, lower skips the least important sub-experts (fewer expert bytes per token)."""
+        in (0, 1]; 1 is exact, lower skips the least important sub-experts (fewer expert bytes per token).
+        With `load(schedule="hybrid")`, `quality` (in (0, 1]: perplexity ratio to the exact model, read
+        from the profiled table of `edgeprism profile`, else used as the kept share of routed mass) lets
+        decode drop the least important cache misses, and `latency_ms` holds the per-token latency near a
+        target with the least quality loss (`schedule/qos.py`); give at most one."""
         sampling = Sampling(temperature, top_p, top_k, seed)
         with self._lock:
-            return list(self._token_iter(input_ids, max_new_tokens, sampling, keep))
+            return list(self._token_iter(input_ids, max_new_tokens, sampling, keep, quality, latency_ms))
 
     def stream_ids(self, input_ids: list[int], max_new_tokens: int = 256, temperature: float = 0.0,
-                   top_p: float = 1.0, top_k: int = 0, seed: int | None = None, keep: float = 1.0) -> Iterator[int]:
+                   top_p: float = 1.0, top_k: int = 0, seed: int | None = None, keep: float = 1.0,
+                   quality: float | None = None, latency_ms: float | None = None) -> Iterator[int]:
         """Yield new token ids one at a time (the id-level `stream`)."""
-        return self._token_iter(input_ids, max_new_tokens, Sampling(temperature, top_p, top_k, seed), keep)
+        return self._token_iter(input_ids, max_new_tokens, Sampling(temperature, top_p, top_k, seed), keep,
+                                quality, latency_ms)
 
     def _prompt_ids(self, prompt: str | None, messages: list[dict[str, str]] | None) -> list[int]:
         if (prompt is None) == (messages is None):
@@ -347,26 +394,29 @@ class Engine:
     def stream(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
                max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 1.0, top_k: int = 0,
                seed: int | None = None, stop: list[str] | str | None = None,
-               on_token: OnToken | None = None, keep: float = 1.0) -> TextStream:
+               on_token: OnToken | None = None, keep: float = 1.0, quality: float | None = None,
+               latency_ms: float | None = None) -> TextStream:
         """Iterate the text pieces as they are decoded; arguments are checked here, before the first piece.
 
         The `TextStream` can be cancelled from any thread (`cancel()`), and tells why it ended
         (`finish_reason`) and how many tokens it used; `on_token(piece)` is called with each piece.
         """
         ids = self._prompt_ids(prompt, messages)
-        tokens = self._token_iter(ids, max_new_tokens, Sampling(temperature, top_p, top_k, seed), keep)
+        tokens = self._token_iter(ids, max_new_tokens, Sampling(temperature, top_p, top_k, seed), keep, quality,
+                                  latency_ms)
         return TextStream(tokens, self.tokenizer, stops=check_stops(stop), eos=self.eos_ids,
                           prompt_tokens=len(ids), lock=self._lock, on_token=on_token)
 
     def generate(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
                  max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 1.0, top_k: int = 0,
                  seed: int | None = None, stop: list[str] | str | None = None,
-                 on_token: OnToken | None = None, keep: float = 1.0) -> str:
+                 on_token: OnToken | None = None, keep: float = 1.0, quality: float | None = None,
+                 latency_ms: float | None = None) -> str:
         """The continuation of `prompt` (or the assistant's reply to `messages`) as text."""
         with self._lock:
             return self.stream(prompt, messages=messages, max_new_tokens=max_new_tokens, temperature=temperature,
                                top_p=top_p, top_k=top_k, seed=seed, stop=stop, on_token=on_token,
-                               keep=keep).run().text
+                               keep=keep, quality=quality, latency_ms=latency_ms).run().text
 
     def submit(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
                on_token: OnToken | None = None, on_done: Callable[[Generation], None] | None = None,

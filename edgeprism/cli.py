@@ -1,4 +1,4 @@
-"""The `edgeprism` command: generate, serve, info, refactor."""
+"""The `edgeprism` command: generate, serve, info, refactor, profile."""
 
 from __future__ import annotations
 
@@ -28,6 +28,9 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
                    help="routed experts stored as bf16, fp16, fp32, int8 or int4 (default: --dtype)")
     p.add_argument("--policy", default="lru", help="expert cache policy: lru, lfu or activation")
     p.add_argument("--max-context", type=int, default=4096, help="tokens of context to reserve KV cache for")
+    p.add_argument("--schedule", default="fetch", choices=["fetch", "cpu", "hybrid"],
+                   help="cache misses in decode: copy to the GPU, compute on the CPU, or choose per layer")
+    p.add_argument("--cpu-threads", type=int, default=None, help="threads of the CPU expert path (default CPUs − 1)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stats", action="store_true", help="print cache statistics to stderr at the end")
+    gen.add_argument("--quality", type=float, default=None, help="with --schedule hybrid: quality target in (0, 1] "
+                     "(perplexity ratio from the profiled table); drops the least important misses")
+    gen.add_argument("--latency-ms", type=float, default=None, help="with --schedule hybrid: per-token latency target")
 
     info = sub.add_parser("info", help="describe a checkpoint and how a VRAM budget would be split")
     info.add_argument("model", nargs="?", default=None, help="checkpoint directory (default: the embedded model)")
@@ -61,6 +67,14 @@ def _parser() -> argparse.ArgumentParser:
                      "directory's name, edgeprism-default for the embedded model)")
     srv.add_argument("--max-queue", type=_count, default=8, help="requests that may wait behind the running one; "
                      "more get HTTP 429")
+
+    prof = sub.add_parser("profile", help="measure quality vs latency at each quality floor (schedule hybrid) and "
+                          "save the table beside the model, for generate --quality")
+    _add_load_args(prof)
+    prof.add_argument("--tokens", type=int, default=256, help="held-out tokens decoded per operating point")
+    prof.add_argument("--keeps", type=float, nargs="+", default=None,
+                      help="quality floors to measure (kept share of routed mass; default 1 .98 .95 .9 .85 .8)")
+    prof.add_argument("--out", default=None, help="where to write the table (default: beside the model)")
 
     ref = sub.add_parser("refactor", help="split experts into functional sub-experts (offline, no retraining)")
     ref.add_argument("model", help="Hugging Face MoE checkpoint directory")
@@ -94,20 +108,49 @@ def _progress_bar():  # noqa: ANN202 - tqdm type
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from edgeprism.api import load
-
     bar, update = _progress_bar()
-    engine = load(args.model, vram_gb=args.vram_gb, device=args.device, dtype=args.dtype, policy=args.policy,
-                  expert_dtype=args.expert_dtype, max_context=args.max_context, progress=update)
+    engine = _load(args, update)
     bar.close()
     for piece in engine.stream(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                               top_p=args.top_p, top_k=args.top_k, seed=args.seed):
+                               top_p=args.top_p, top_k=args.top_k, seed=args.seed, quality=args.quality,
+                               latency_ms=args.latency_ms):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     if args.stats:
         for key, value in engine.stats().items():
             print(f"{key}: {value}", file=sys.stderr)
+    return 0
+
+
+def _load(args: argparse.Namespace, progress=None, **overrides):  # noqa: ANN001, ANN202
+    from edgeprism.api import load
+
+    options = dict(vram_gb=args.vram_gb, device=args.device, dtype=args.dtype, policy=args.policy,
+                   expert_dtype=args.expert_dtype, max_context=args.max_context, schedule=args.schedule,
+                   cpu_threads=args.cpu_threads, progress=progress)
+    options.update(overrides)
+    return load(args.model, **options)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from edgeprism.corpus import token_stream
+    from edgeprism.schedule.profile import profile_engine
+    from edgeprism.schedule.qos import DEFAULT_KEEPS, OperatingPoints
+
+    bar, update = _progress_bar()
+    engine = _load(args, update, schedule="hybrid", max_context=min(args.max_context, args.tokens + 1))
+    bar.close()
+    eos = next(iter(sorted(engine.eos_ids)), 0)
+    ids = token_stream(engine.tokenizer, args.tokens, eos)
+    table = profile_engine(engine, ids, tuple(args.keeps) if args.keeps else DEFAULT_KEEPS)
+    path = table.save(Path(args.out) if args.out else OperatingPoints.default_path(engine.path, args.vram_gb))
+    print(f"{'keep':>6} {'quality':>8} {'ms/token':>9}")
+    for p in table.points:
+        print(f"{p.keep:6.3f} {p.quality:8.4f} {p.ms_per_token:9.3f}")
+    print(f"wrote {path}")
     return 0
 
 
@@ -168,11 +211,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise
         raise EdgeprismError(f"the server needs {e.name}, which is not installed: "
                              "pip install 'edgeprism[server]'") from e
-    from edgeprism.api import load
-
     bar, update = _progress_bar()
-    engine = load(args.model, vram_gb=args.vram_gb, device=args.device, dtype=args.dtype, policy=args.policy,
-                  expert_dtype=args.expert_dtype, max_context=args.max_context, progress=update)
+    engine = _load(args, update)
     bar.close()
     with engine:
         model_id = args.model_id or default_model_id(engine)
@@ -187,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        return {"generate": cmd_generate, "info": cmd_info, "refactor": cmd_refactor, "serve": cmd_serve}[args.command](args)
+        commands = {"generate": cmd_generate, "info": cmd_info, "refactor": cmd_refactor, "serve": cmd_serve,
+                    "profile": cmd_profile}
+        return commands[args.command](args)
     except EdgeprismError as e:
         print(f"edgeprism: error: {e}", file=sys.stderr)
         return 2

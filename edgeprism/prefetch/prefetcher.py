@@ -267,6 +267,17 @@ class Prefetcher:
         self.stats.units_prefetched += len(fills)
         return len(fills)
 
+    def admit(self, keys: Iterable[SubExpertKey], step: int, current_layer: int) -> int:
+        """Copy units computed elsewhere (the CPU path) into the cache for later tokens: unpinned,
+        never waited on, evicting like a miss would; the number of copies started."""
+        fills = []
+        for key in keys:
+            slot = self.table.insert_prefetched(key, step, current_layer, self.num_layers)
+            if slot is not None:
+                fills.append((key, slot))
+        self._issue(fills)
+        return len(fills)
+
     # ----- internals -----
 
     def _worth_copying(self, layer: int) -> bool | None:

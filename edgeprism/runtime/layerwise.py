@@ -175,6 +175,7 @@ class LayerwiseDecode:
         self.unit_scale.copy_(self.host_scale, non_blocking=True)
         if self.predictor is not None:  # prefetches go out while the CPU works
             self._prefetch(j, experts, step, layer)
+        self.fetch.admit(self.sched.admissions(keys, acts, weights), step, layer)  # behind the urgent copies
         if pending is not None:
             self.host_y.copy_(pending.result())  # blocks on the future (no spin-wait)
             self.y_extra.copy_(self.host_y, non_blocking=True)

@@ -41,7 +41,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-COST_VERSION = 1
+COST_VERSION = 2  # 2: best of ROUNDS timing rounds
+ROUNDS = 3
 H2D_SIZES = (4096, 65536, 262144, 1 << 20, 4 << 20, 16 << 20)  # bytes per copy, measured at calibration
 
 
@@ -126,25 +127,32 @@ class CostModel:
 # ---- measuring ---------------------------------------------------------------------------------
 
 def _timer(device: torch.device) -> Callable[[Callable[[], None], int], float]:
-    """Seconds per call of fn, averaged over `reps` back-to-back calls after one warm-up:
+    """Seconds per call of fn, averaged over `reps` back-to-back calls after one warm-up, best of
+    `ROUNDS` rounds (other processes on a shared machine only ever slow a round down):
     CUDA events on a GPU (device time, no host sync between calls), perf_counter on the CPU."""
 
     def cuda(fn: Callable[[], None], reps: int) -> float:
         fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        end.synchronize()  # blocks in the driver, not in a Python spin (MEASURED.md: spin-wait hazard)
-        return start.elapsed_time(end) / 1e3 / reps
+        best = math.inf
+        for _ in range(ROUNDS):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                fn()
+            end.record()
+            end.synchronize()  # blocks in the driver, not in a Python spin (MEASURED.md: spin-wait hazard)
+            best = min(best, start.elapsed_time(end) / 1e3 / reps)
+        return best
 
     def cpu(fn: Callable[[], None], reps: int) -> float:
         fn()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t0) / reps
+        best = math.inf
+        for _ in range(ROUNDS):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            best = min(best, (time.perf_counter() - t0) / reps)
+        return best
 
     return cuda if device.type == "cuda" else cpu
 

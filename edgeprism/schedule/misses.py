@@ -10,6 +10,13 @@ Three modes (`load(schedule=...)`):
   machine's `CostModel` and, when the generation call sets a quality floor (`keep` < 1) or a
   latency budget, drops the lowest-scored misses (never a resident unit).
 
+Admission (hybrid): the plan is myopic — a unit computed on the CPU never enters the cache, so a
+cold cache facing a fast CPU would stay cold. When the copy engine would sit idle while the CPU
+works (plan's CPU finish after its copy finish), the highest-scored CPU units are copied into the
+cache in that gap, for later tokens (`admissions`); they queue behind the layer's own copies and
+the next layer's planner sees the busier copy engine. The ``cpu`` mode admits nothing: its cache
+keeps what prefill left (a static placement, like a fixed set of GPU experts).
+
 Residency comes from the prefetcher's host-side model of the copy engine (`Prefetcher.residency`):
 a unit whose copy was issued and has not landed yet is in flight, with its predicted ready time.
 """
@@ -41,6 +48,7 @@ class MissStats:
 
     actions: dict[str, int] = field(default_factory=lambda: {a.value: 0 for a in Action})
     cpu_calls: int = 0
+    admitted: int = 0  # CPU units also copied into the cache for later tokens
     cpu_bytes: int = 0  # bytes of stored unit rows the CPU path read
     cpu_s: float = 0.0  # wall time of the CPU calls, on the worker thread
     planned_s: float = 0.0  # sum of the plans' predicted layer latencies
@@ -50,7 +58,7 @@ class MissStats:
     def as_dict(self) -> dict[str, float | int | None]:
         return {
             **{f"units_{name}": n for name, n in self.actions.items()},
-            "cpu_calls": self.cpu_calls, "cpu_bytes": self.cpu_bytes, "cpu_s": self.cpu_s,
+            "units_admitted": self.admitted, "cpu_calls": self.cpu_calls, "cpu_bytes": self.cpu_bytes, "cpu_s": self.cpu_s,
             "cpu_gbps": self.cpu_bytes / self.cpu_s / 1e9 if self.cpu_s > 0 else None,
             "mass_kept": self.mass_kept / self.mass_routed if self.mass_routed > 0 else None,
         }
@@ -69,6 +77,7 @@ class MissScheduler:
         self.mode, self.cost, self.cpu, self.store, self.fetch = mode, cost, cpu, store, fetch
         self.keep, self.budget_s = 1.0, None
         self.stats = MissStats()
+        self._gap_s = 0.0  # copy-engine idle time under the last plan's CPU call
         self._pool: ThreadPoolExecutor | None = None
 
     def decide(self, keys: Sequence[SubExpertKey], weights: Sequence[float]) -> list[Action]:
@@ -92,11 +101,24 @@ class MissScheduler:
             acts = [by_key[k] for k in keys]
             kept, total = p.kept_mass, p.total_mass
             self.stats.planned_s += p.latency_s
+            self._gap_s = max(0.0, p.cpu_s - p.copy_s)
         for a in acts:
             self.stats.actions[a.value] += 1
         self.stats.mass_kept += kept
         self.stats.mass_routed += total
         return acts
+
+    def admissions(self, keys: Sequence[SubExpertKey], acts: Sequence[Action],
+                   weights: Sequence[float]) -> list[SubExpertKey]:
+        """The CPU units of the last `decide` worth copying into the cache in the copy engine's idle
+        gap: as many as fit in it, highest routing weight first (ties by key)."""
+        if self.mode != "hybrid" or self._gap_s <= 0:
+            return []
+        fit = int(self._gap_s / max(self.cost.copy_unit_s, 1e-12))
+        cpu = sorted((i for i, a in enumerate(acts) if a is Action.CPU), key=lambda i: (-weights[i], keys[i]))
+        chosen = [keys[i] for i in cpu[:fit]]
+        self.stats.admitted += len(chosen)
+        return chosen
 
     def submit_cpu(self, x: torch.Tensor, keys: Sequence[SubExpertKey], weights: Sequence[float]) -> Future[torch.Tensor]:
         """Start the CPU path over `keys` (all of one layer) on its worker thread: x [1, D] on the host."""
