@@ -65,3 +65,7 @@ class EngineClosedError(EdgeprismError, RuntimeError):
 
 class ExpertDtypeError(EdgeprismError, ValueError):
     """`expert_dtype` is unknown, or the model's shapes do not allow it (int4 group size)."""
+
+
+class ProfileError(EdgeprismError, ValueError):
+    """An operating-points table (`edgeprism profile`'s JSON) is missing, unreadable, of another version, or invalid."""
