@@ -161,5 +161,5 @@ def test_bad_device_and_dtype(tiny_checkpoint):
 
 def test_all_errors_share_a_base():
     for name in ("ModelNotFoundError", "ConfigError", "UnsupportedModelError", "CheckpointError", "InputError",
-                 "BudgetError", "TokenizerMissingError", "HostMemoryError", "CacheFullError"):
+                 "BudgetError", "TokenizerMissingError", "HostMemoryError", "CacheFullError", "ProfileError"):
         assert issubclass(getattr(errors, name), errors.EdgeprismError)

@@ -22,9 +22,11 @@ The target T holds for a percentile of step times (`percentile`, default 0.95: a
 a bound most tokens meet; 0.5 holds the median and keeps more mass). The controller steers the
 median step to a setpoint T − tail, with tail = p(percentile) − p50 of the last `window` steps (0
 until TAIL_MIN steps, at most MAX_TAIL·T): the fast loop below sees medians, the slow tail estimate
-moves the median so that the percentile lands on T. After a change of regime (the machine gets
-faster) the window mixes both regimes and overstates the tail for up to `window` tokens: steps run
-faster than needed, a conservative transient.
+moves the median so that the percentile lands on T. Steps taken with the budget pinned at a bound
+(target unreachable, or so loose that nothing binds) are not the controlled loop's: they leave the
+tail window, which starts again when the budget comes off the bound. After a change of regime within
+the bounds (the machine gets faster) the window mixes both regimes and overstates the tail for up to
+`window` tokens: steps run faster than needed, a conservative transient.
 
 State: ô, the *effective overhead* of a token (seconds not spent in the layers' budgets); the budget
 is b = (T − ô)/L for L MoE layers, clamped to [MIN_SHARE, MAX_SHARE] × T/L. Each observed step s
@@ -37,8 +39,9 @@ loop starts near its fixed point instead of at b = T/L.
 
 Why it converges: while budgets bind, a layer's plan takes about b, so s ≈ O + n·k·b with n the
 layers whose budget binds and k the ratio of real to predicted MoE time; ds/dô = −n·k/L and the loop
-gain is GAIN·n·k/L ≤ GAIN·k, stable without oscillation for k < 1/GAIN and stable for k < 2/GAIN
-(minus the median's one-token delay). Integral action removes the steady error the plans' discrete
+gain is GAIN·n·k/L ≤ GAIN·k: without oscillation for k < 1/GAIN = 4, stable for k < 8 (less with the
+median filter's one-token delay; tests/test_qos.py runs k = 3). GAIN trades that margin against speed:
+the error shrinks by about 1 − GAIN·n·k/L per token. Integral action removes the steady error the plans' discrete
 slack leaves (a plan is the largest option ≤ b, not b). With an unreachable target every plan is the
 fastest (b at its lower bound, keep = min_keep); once the target becomes reachable, b climbs at up
 to GAIN·MAX_ERROR·T/L per token, so it recovers in a few tokens.
@@ -49,6 +52,7 @@ basis to favour a layer, and each layer's plan already spends less where units a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -70,7 +74,7 @@ log = logging.getLogger(__name__)
 PROFILE_VERSION = 1
 DEFAULT_KEEPS = (1.0, 0.98, 0.95, 0.9, 0.85, 0.8)
 WINDOW = 64  # step times kept for summary()'s percentiles
-GAIN = 0.4  # share of the filtered error corrected per token
+GAIN = 0.25  # share of the filtered error corrected per token
 MEDIAN_OF = 3  # errors in the outlier filter
 MAX_ERROR = 0.5  # filtered error clipped to ±MAX_ERROR × target: bounds a burst of outliers
 MIN_SHARE = 1e-3  # budget bounds as multiples of the even share T/L; the planner needs a budget > 0
@@ -166,7 +170,8 @@ class OperatingPoints:
             tmp.write_text(json.dumps(self.to_json(), indent=1))
             tmp.replace(path)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # best effort: the temporary file may never have been made
+                tmp.unlink()
             raise OutputError(f"cannot write the operating-points table {path} ({e}): pass a writable path") from e
         return path
 
@@ -257,6 +262,7 @@ class QosController:
         self.keep = min_keep if quality is None else (quality if table is None else table.keep_for_quality(quality))
         self.tokens = 0
         self._steps: deque[float] = deque(maxlen=window)  # seconds, for summary()
+        self._tail_steps: deque[float] = deque(maxlen=window)  # the same, since the budget left a bound
         self._errors: deque[float] = deque(maxlen=MEDIAN_OF)  # step − setpoint (target − tail), latency mode
         self._overhead = 0.0  # ô: effective non-budget seconds of a token (latency mode)
         self._seeded = False  # ô seeded from a step's measured − planned time
@@ -281,6 +287,7 @@ class QosController:
         self._steps.append(step_s)
         if self.latency_s is None:
             return
+        self._tail_steps.append(step_s)
         target = self.latency_s
         if planned_s is not None and not self._seeded:
             self._seeded = True
@@ -293,16 +300,20 @@ class QosController:
 
     def _tail_allowance(self, target: float) -> float:
         """How far the median step must sit below the target for the `percentile` step to meet it: the
-        window's p(percentile) − p50, once the window holds TAIL_MIN steps (so one outlier is never the
+        tail window's p(percentile) − p50, once it holds TAIL_MIN steps (so one outlier is never the
         percentile read), at most MAX_TAIL × target."""
-        if self.percentile == 0.5 or len(self._steps) < TAIL_MIN:
+        if self.percentile == 0.5 or len(self._tail_steps) < TAIL_MIN:
             return 0.0
-        steps = sorted(self._steps)
+        steps = sorted(self._tail_steps)
         return min(max(_percentile(steps, self.percentile) - _percentile(steps, 0.5), 0.0), MAX_TAIL * target)
 
     def _set_overhead(self, overhead: float, target: float) -> None:
-        """ô clamped so that the budget stays in [MIN_SHARE, MAX_SHARE] × target / layers (anti-windup)."""
-        self._overhead = min(max(overhead, target * (1.0 - MAX_SHARE)), target * (1.0 - MIN_SHARE))
+        """ô clamped so that the budget stays in [MIN_SHARE, MAX_SHARE] × target / layers (anti-windup);
+        at a bound the tail window starts again."""
+        lo, hi = target * (1.0 - MAX_SHARE), target * (1.0 - MIN_SHARE)
+        self._overhead = min(max(overhead, lo), hi)
+        if self._overhead in (lo, hi):
+            self._tail_steps.clear()
 
     def summary(self) -> dict[str, float | int | str | None]:
         """Target, current keep and per-layer budget (latency mode: also the overhead estimate ô and the tail
