@@ -96,6 +96,7 @@ class _Sequence:
 
     index: int  # position in the caller's list
     prompt: list[int]
+    max_new: int
     caches: list[KVCache]  # one per layer, [Hkv, cache_len, hd] each
     gen: torch.Generator
     out: list[int] = field(default_factory=list)
@@ -121,17 +122,25 @@ class BatchResult:
         return sum(self.step_batch)
 
 
-def check_batch_args(prompts: Any, max_new_tokens: Any, max_batch: Any, latency_ms: Any) -> None:
-    """Typed errors for the batch-level arguments (each prompt is checked by the engine)."""
+def _positive_int(n: Any) -> bool:
+    return not isinstance(n, bool) and isinstance(n, int) and n > 0
+
+
+def check_batch_args(prompts: Any, max_new_tokens: Any, max_batch: Any, latency_ms: Any) -> list[int]:
+    """Typed errors for the batch-level arguments (each prompt is checked by the engine); returns
+    the new-token limit of each prompt (`max_new_tokens` is one int for all or one per prompt)."""
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise InputError("prompts must be a non-empty list (one prompt per sequence).")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-        raise InputError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer.")
+    limits = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(prompts)
+    if len(limits) != len(prompts) or not all(_positive_int(n) for n in limits):
+        raise InputError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer, or a list of one "
+                         f"positive integer per prompt ({len(prompts)}).")
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise InputError(f"max_batch={max_batch!r}: must be a positive integer (sequences decoded at once).")
     if latency_ms is not None and (isinstance(latency_ms, bool) or not isinstance(latency_ms, (int, float))
                                    or not math.isfinite(latency_ms) or latency_ms <= 0):
         raise InputError(f"latency_ms={latency_ms!r}: must be a positive number of milliseconds per token, or None.")
+    return limits
 
 
 def stop_check(tokenizer: Tokenizer, stops: list[str]) -> Finished | None:
@@ -161,7 +170,7 @@ class BatchedGeneration:
     Call it with the engine's lock held. `counts` is the engine's token counter dict (its stats).
     """
 
-    def __init__(self, engine: Engine, counts: dict[str, int], max_new_tokens: int, sampling: Sampling, *,
+    def __init__(self, engine: Engine, counts: dict[str, int], max_new_tokens: list[int], sampling: Sampling, *,
                  max_batch: int = 8, latency_ms: float | None = None, finished: Finished | None = None,
                  clock: Clock = time.perf_counter) -> None:
         self.engine, self.model, self.counts = engine, engine.model, counts
@@ -174,9 +183,9 @@ class BatchedGeneration:
     def limit(self) -> int:
         return self.controller.limit if self.controller is not None else self.max_batch
 
-    def cache_len(self, prompt: list[int]) -> int:
+    def cache_len(self, prompt: list[int], max_new: int) -> int:
         """KV positions a sequence writes: its prompt and every new token but the last (never fed)."""
-        return min(len(prompt) + self.max_new - 1, self.engine.max_context)
+        return min(len(prompt) + max_new - 1, self.engine.max_context)
 
     def check_budget(self, prompts: list[list[int]]) -> None:
         """Refuse (BudgetError) if the largest `max_batch` sequences' KV caches cannot be held at once."""
@@ -184,7 +193,8 @@ class BatchedGeneration:
         if spare is None:
             return
         elem = torch.empty((), dtype=self.engine.dtype).element_size()
-        sizes = sorted((kv_cache_bytes(self.engine.spec, self.cache_len(p), elem) for p in prompts), reverse=True)
+        sizes = sorted((kv_cache_bytes(self.engine.spec, self.cache_len(p, n), elem)
+                        for p, n in zip(prompts, self.max_new, strict=True)), reverse=True)
         worst = sizes[:self.max_batch]
         if sum(worst) <= spare:
             return
@@ -198,14 +208,15 @@ class BatchedGeneration:
 
     @torch.inference_mode()
     def run(self, prompts: list[list[int]]) -> BatchResult:
-        """New token ids of every prompt (each stops at EOS, `max_new_tokens` or `finished`)."""
+        """New token ids of every prompt (each stops at EOS, its `max_new_tokens` or `finished`)."""
         self.check_budget(prompts)
         self.engine.gate.keep = 1.0  # exact: batched decode never drops sub-experts
         result = BatchResult([[] for _ in prompts])
-        queue, active = deque(enumerate(prompts)), []
+        queue, active = deque(enumerate(zip(prompts, self.max_new, strict=True))), []
         while queue or active:
             while queue and len(active) < self.limit:
-                seq = self._admit(*queue.popleft())
+                index, (prompt, max_new) = queue.popleft()
+                seq = self._admit(index, prompt, max_new)
                 if self._done(seq):  # done at its first token
                     self._retire(seq, result)
                 else:
@@ -217,12 +228,12 @@ class BatchedGeneration:
                     self._retire(seq, result)
         return result
 
-    def _admit(self, index: int, prompt: list[int]) -> _Sequence:
+    def _admit(self, index: int, prompt: list[int], max_new: int) -> _Sequence:
         """Allocate the sequence's caches, prefill its prompt and sample its first token."""
         spec, eng = self.engine.spec, self.engine
-        caches = [KVCache(spec.n_kv_heads, self.cache_len(prompt), spec.head_dim, eng.dtype, eng.device)
+        caches = [KVCache(spec.n_kv_heads, self.cache_len(prompt, max_new), spec.head_dim, eng.dtype, eng.device)
                   for _ in range(spec.n_layers)]
-        seq = _Sequence(index, prompt, caches, self.sampling.generator())
+        seq = _Sequence(index, prompt, max_new, caches, self.sampling.generator())
         logits = self._prefill(seq)
         self.counts["prompt_tokens"] += len(prompt)
         self._sample(seq, logits)
@@ -270,7 +281,7 @@ class BatchedGeneration:
         self.counts["tokens"] += 1
 
     def _done(self, seq: _Sequence) -> bool:
-        if seq.out[-1] in self.eos or len(seq.out) >= self.max_new:
+        if seq.out[-1] in self.eos or len(seq.out) >= seq.max_new:
             return True
         if self.finished is not None and self.finished(seq.out):
             return True
