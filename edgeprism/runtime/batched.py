@@ -135,7 +135,7 @@ def check_batch_args(prompts: Any, max_new_tokens: Any, max_batch: Any, latency_
     if len(limits) != len(prompts) or not all(_positive_int(n) for n in limits):
         raise InputError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer, or a list of one "
                          f"positive integer per prompt ({len(prompts)}).")
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+    if not _positive_int(max_batch):
         raise InputError(f"max_batch={max_batch!r}: must be a positive integer (sequences decoded at once).")
     if latency_ms is not None and (isinstance(latency_ms, bool) or not isinstance(latency_ms, (int, float))
                                    or not math.isfinite(latency_ms) or latency_ms <= 0):
