@@ -35,6 +35,7 @@ from edgeprism.moe.offload import OffloadedExperts
 from edgeprism.moe.quant import make_format
 from edgeprism.refactor.artifact import Refactored, build_gate, is_artifact
 from edgeprism.prefetch.prefetcher import CudaCopies, InlineCopies, Prefetcher
+from edgeprism.runtime.batched import BatchedGeneration, check_batch_args, stop_check, texts
 from edgeprism.runtime.graphs import DecodeStep
 from edgeprism.runtime.layerwise import LayerwiseDecode
 from edgeprism.runtime.memory import GiB, BudgetPlan, free_device_bytes, plan_budget
@@ -368,6 +369,39 @@ class Engine:
         sampling = Sampling(temperature, top_p, top_k, seed)
         with self._lock:
             return list(self._token_iter(input_ids, max_new_tokens, sampling, keep, quality, latency_ms))
+
+    def generate_ids_batch(self, input_ids: list[list[int]], max_new_tokens: int | list[int] = 256,
+                           temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None, *,
+                           latency_ms: float | None = None, max_batch: int = 8) -> list[list[int]]:
+        """New token ids of several prompts decoded together, in input order (`runtime/batched.py`).
+
+        The sequences of a step share its expert units (fewer bytes copied per token); finished ones
+        leave and queued ones join, at most `max_batch` at once. With `latency_ms` the batch limit
+        adapts so that the p95 time of a step (one token of every sequence) stays under it.
+        `max_new_tokens` is one limit for all prompts or one per prompt. Each sequence gets what
+        `generate_ids` gives it alone with the same arguments and seed (greedy: the same tokens, up
+        to float rounding). Raises BudgetError if the sequences' KV caches cannot fit the budget."""
+        limits = check_batch_args(input_ids, max_new_tokens, max_batch, latency_ms)
+        prompts, sampling = [self._check_ids(ids) for ids in input_ids], Sampling(temperature, top_p, top_k, seed)
+        with self._lock:
+            self._session += 1
+            return BatchedGeneration(self, self._counts, limits, sampling, max_batch=max_batch,
+                                     latency_ms=latency_ms).run(prompts).outputs
+
+    def generate_batch(self, prompts: list[str], *, max_new_tokens: int | list[int] = 256, temperature: float = 0.7,
+                       top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                       stop: list[str] | str | None = None, latency_ms: float | None = None,
+                       max_batch: int = 8) -> list[str]:
+        """The continuations of several prompts decoded together (text-level `generate_ids_batch`);
+        each one is cut as `generate` cuts it (end-of-sequence or before a stop string)."""
+        limits = check_batch_args(prompts, max_new_tokens, max_batch, latency_ms)
+        ids = [self._check_ids(self._prompt_ids(p, None)) for p in prompts]
+        stops, sampling = check_stops(stop), Sampling(temperature, top_p, top_k, seed)
+        with self._lock:
+            self._session += 1
+            outputs = BatchedGeneration(self, self._counts, limits, sampling, max_batch=max_batch,
+                                        latency_ms=latency_ms, finished=stop_check(self.tokenizer, stops)).run(ids).outputs
+        return texts(self.tokenizer, outputs, stops, self.eos_ids)
 
     def stream_ids(self, input_ids: list[int], max_new_tokens: int = 256, temperature: float = 0.0,
                    top_p: float = 1.0, top_k: int = 0, seed: int | None = None, keep: float = 1.0,

@@ -1,4 +1,5 @@
-"""Lean MoE decoder: model math only (batch 1, token-major shapes).
+"""Lean MoE decoder: model math only (batch 1, token-major shapes; `forward_batch` decodes one
+token of each of B sequences, each against its own KV caches).
 
 Shapes: T tokens of this call, S = tokens in the KV cache after it, D = hidden size, H / Hkv query
 and key-value heads, hd = head dim, V = vocab. No device policy lives here: the MoE block's experts
@@ -89,6 +90,22 @@ class Attention(nn.Module):
             is_causal=mask is None and T > 1 and start == 0, enable_gqa=self.n_kv != self.n_heads)
         return self.wo(out.transpose(0, 1).reshape(T, -1))  # [T, D]
 
+    def forward_batch(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[KVCache],
+                      starts: list[int], masks: list[torch.Tensor | None]) -> torch.Tensor:
+        """One token of each of B sequences; sequence b writes and reads only `caches[b]`.
+
+        x: [B, D]; cos, sin: [B, hd] (row b at position starts[b]); masks[b]: [1, S_b] bool or None.
+        Projections run once for the batch; attention per sequence, as `forward` runs it for T = 1.
+        """
+        B = x.shape[0]
+        q, k, v = self._qkv(x, cos, sin)  # [B, H, hd], [B, Hkv, hd] x2
+        out = []
+        for b, (cache, start, mask) in enumerate(zip(caches, starts, masks, strict=True)):
+            keys, values = cache.update(start, k[b, :, None], v[b, :, None])  # [Hkv, S_b, hd]
+            out.append(F.scaled_dot_product_attention(q[b, :, None], keys, values, attn_mask=mask,  # [H, 1, hd]
+                                                      enable_gqa=self.n_kv != self.n_heads))
+        return self.wo(torch.stack(out).reshape(B, -1))  # [B, D]
+
     def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
                mask: torch.Tensor) -> torch.Tensor:
         """One token at a device-side position: fixed shapes, no host sync (CUDA-graph capturable).
@@ -121,6 +138,12 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
                 mask: torch.Tensor | None) -> torch.Tensor:
         h = x + self.attn(self.attn_norm(x), cos, sin, start, mask)
+        return h + self.ffn(self.ffn_norm(h))
+
+    def forward_batch(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[KVCache],
+                      starts: list[int], masks: list[torch.Tensor | None]) -> torch.Tensor:
+        # x: [B, D], one token per sequence -> [B, D]; the FFN (experts) runs once for the batch
+        h = x + self.attn.forward_batch(self.attn_norm(x), cos, sin, caches, starts, masks)
         return h + self.ffn(self.ffn_norm(h))
 
     def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
@@ -185,6 +208,20 @@ class Decoder(nn.Module):
         if last_only:
             x = x[-1:]
         return self.lm_head(self.norm(x))  # [T, V]
+
+    def forward_batch(self, tokens: torch.Tensor, starts: list[int], caches: list[list[KVCache]]) -> torch.Tensor:
+        """One token of each of B sequences at their own positions -> logits [B, V].
+
+        tokens: [B]; starts[b]: the position of tokens[b] (its caches hold positions < starts[b]);
+        caches[b]: sequence b's KV cache of every layer (not the model's own `setup_caches` caches).
+        """
+        x = self.embed(tokens)  # [B, D]
+        pos = torch.tensor(starts, dtype=torch.long, device=tokens.device)
+        cos, sin = self.cos[pos], self.sin[pos]  # [B, hd]
+        masks = [self.attention_mask(start, 1) for start in starts]  # None or [1, S_b]
+        for i, block in enumerate(self.layers):
+            x = block.forward_batch(x, cos, sin, [c[i] for c in caches], starts, masks)
+        return self.lm_head(self.norm(x))  # [B, V]
 
     def decode(self, token: torch.Tensor, pos: torch.Tensor, length: int) -> torch.Tensor:
         """One token; token, pos: [1] device tensors; attends over the first `length` cache slots
