@@ -245,7 +245,8 @@ class SlotTable:
         if victim is None:
             return None
         if victim in self._pins or victim not in self._slot_of:
-            raise AssertionError(f"policy {self.policy.name} chose {victim}: pinned or not resident")
+            chooser = "quotas" if self._quotas is not None else "policy"
+            raise AssertionError(f"victim {victim} (policy {self.policy.name}, {chooser}): pinned or not resident")
         slot = self._slot_of[victim]
         self._evict(victim)
         return slot
