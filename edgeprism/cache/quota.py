@@ -45,7 +45,8 @@ class LayerQuotas:
         self.quotas = dict(quotas)
         self.top_slots = dict(top_slots or {})
         self.top_groups = top_groups
-        self._regions: dict[tuple[int, bool], Region] = {}
+        self._regions: dict[int, tuple[Region, Region]] = {}  # layer -> (bottom, top)
+        self._region_of: dict[SubExpertKey, Region] = {}
         self._held: dict[int, int] = {}  # layer -> resident units, only layers holding >= 1
         self._over: set[int] = set()  # layers holding more than their quota
         for key in resident:
@@ -54,26 +55,29 @@ class LayerQuotas:
     # ----- bookkeeping (called by the slot table) -----
 
     def place(self, key: SubExpertKey) -> None:
-        region = self._regions.get((key.layer, key.group < self.top_groups))
-        if region is None:
-            region = self._regions[(key.layer, key.group < self.top_groups)] = OrderedDict()
+        layer = key.layer
+        regions = self._regions.get(layer)
+        if regions is None:
+            regions = self._regions[layer] = (OrderedDict(), OrderedDict())
+        region = self._region_of[key] = regions[key.group < self.top_groups]
         region[key] = None
-        held = self._held[key.layer] = self._held.get(key.layer, 0) + 1
-        if held > self.quotas.get(key.layer, 0):
-            self._over.add(key.layer)
+        held = self._held[layer] = self._held.get(layer, 0) + 1
+        if held > self.quotas.get(layer, 0):
+            self._over.add(layer)
 
     def touch(self, key: SubExpertKey) -> None:
-        self._regions[(key.layer, key.group < self.top_groups)].move_to_end(key)
+        self._region_of[key].move_to_end(key)
 
     def remove(self, key: SubExpertKey) -> None:
-        del self._regions[(key.layer, key.group < self.top_groups)][key]
-        held = self._held[key.layer] - 1
+        del self._region_of.pop(key)[key]
+        layer = key.layer
+        held = self._held[layer] - 1
         if held:
-            self._held[key.layer] = held
+            self._held[layer] = held
         else:
-            del self._held[key.layer]
-        if held <= self.quotas.get(key.layer, 0):
-            self._over.discard(key.layer)
+            del self._held[layer]
+        if held <= self.quotas.get(layer, 0):
+            self._over.discard(layer)
 
     # ----- the victim -----
 
@@ -86,8 +90,8 @@ class LayerQuotas:
             if found is not None:
                 return found
         others = [other for other in self._over if other != layer]
-        # the layer whose turn comes last first: its units are needed farthest ahead
-        others.sort(key=lambda other: (-((other - current_layer - 1) % num_layers), other))
+        if len(others) > 1:  # the layer whose turn comes last first: its units are needed farthest ahead
+            others.sort(key=lambda other: (-((other - current_layer - 1) % num_layers), other))
         for other in others:
             found = self._victim_in(other, None, is_pinned)
             if found is not None:
@@ -96,12 +100,13 @@ class LayerQuotas:
 
     def _victim_in(self, layer: int, incoming: SubExpertKey | None, is_pinned: IsPinned) -> SubExpertKey | None:
         """Least recent unpinned unit of `layer`, from the region over its share first."""
-        top = self._regions.get((layer, True))
-        bottom = self._regions.get((layer, False))
-        top_held = (len(top) if top else 0) + (incoming is not None and incoming.group < self.top_groups)
+        if layer not in self._regions:  # holds nothing yet
+            return None
+        bottom, top = self._regions[layer]
+        top_held = len(top) + (incoming is not None and incoming.group < self.top_groups)
         first, second = (top, bottom) if top_held > self.top_slots.get(layer, 0) else (bottom, top)
         for region in (first, second):
-            for key in region or ():
+            for key in region:
                 if not is_pinned(key):
                     return key
         return None
@@ -110,17 +115,20 @@ class LayerQuotas:
 
     def in_lru_order(self) -> list[SubExpertKey]:
         """Every tracked unit, each region least recent first (to carry recency into new quotas)."""
-        return [key for region in self._regions.values() for key in region]
+        return [key for regions in self._regions.values() for region in regions for key in region]
 
     def tracked(self) -> set[SubExpertKey]:
-        return {key for region in self._regions.values() for key in region}
+        return set(self.in_lru_order())
 
     def check_invariants(self) -> None:
         held: dict[int, int] = {}
-        for (layer, is_top), region in self._regions.items():
-            for key in region:
-                _require(key.layer == layer and (key.group < self.top_groups) == is_top, f"{key} in the wrong region")
-            held[layer] = held.get(layer, 0) + len(region)
+        for layer, regions in self._regions.items():
+            for is_top, region in enumerate(regions):
+                for key in region:
+                    _require(key.layer == layer and (key.group < self.top_groups) == is_top, f"{key} in the wrong region")
+                    _require(self._region_of[key] is region, f"{key} indexed under another region")
+                held[layer] = held.get(layer, 0) + len(region)
+        _require(len(self._region_of) == sum(held.values()), "region index and regions differ in size")
         held = {layer: n for layer, n in held.items() if n}
         _require(held == self._held, "per-layer resident counts are out of date")
         over = {layer for layer, n in held.items() if n > self.quotas.get(layer, 0)}
