@@ -11,8 +11,11 @@ How:
   `update` replays them through one LRU stack per region (layer, top|bottom) and histograms each
   access's *stack distance* d (distinct units of that region used since its last use). An LRU of s
   slots hits exactly the accesses with d < s (Mattson et al. 1970), so the histogram's prefix sums are
-  the region's hit curve H(s) for every s at once. A key repeated within one acquire is a sure hit
-  (it is pinned with its first occurrence) and is counted apart.
+  the region's hit curve H(s) for every s at once. Distances are taken at the start of each acquire,
+  since the table pins an acquire's hits before its misses evict anything; a key repeated within
+  one acquire is a sure hit (pinned with its first occurrence) and is counted apart. Not exact for
+  multi-unit acquires: the table makes an acquire's hits older than its misses, and which units hit
+  depends on s, so one stack order cannot match every size (here: units seen before, then new ones).
 - Price. Saved time of a layer with q slots, t of them top: c_l · (H_top(t) + H_bottom(q - t)),
   c_l = seconds per miss of layer l (the cost model's `copy_unit_s`, or measured).
 - Solve (`solve_shares`), a fixed point over the split ratios rho_l = t_l / q_l:
@@ -75,18 +78,21 @@ class HitCurves:
             distinct = dict.fromkeys(keys)
             self.accesses += len(keys)
             self.sure_hits += len(keys) - len(distinct)
+            found = []  # distances before this acquire: the table pins its hits before any miss evicts
             for key in distinct:
                 region = (key.layer, key.group < top_groups)
                 stack = stacks.get(region)
                 if stack is None:
                     stack, hist[region] = stacks.setdefault(region, []), []
-                if key in seen:
-                    d = stack.index(key)
-                    del stack[d]
-                    hist[region][d] += 1.0
-                else:  # a cold miss: no distance, a miss at every size
+                found.append((key, stack, hist[region], stack.index(key) if key in seen else -1))
+            found.sort(key=lambda entry: entry[3] < 0)  # as the table: units seen before, then cold ones
+            for key, stack, counts, d in found:
+                if d < 0:  # a cold miss: no distance, a miss at every size
                     seen.add(key)
-                    hist[region].append(0.0)
+                    counts.append(0.0)
+                else:
+                    stack.remove(key)
+                    counts[d] += 1.0
                 stack.insert(0, key)
         self._pending.clear()
 
