@@ -274,3 +274,104 @@ class SlotTableMachine(RuleBasedStateMachine):
 
 TestSlotTableMachine = SlotTableMachine.TestCase
 TestSlotTableMachine.settings = settings(max_examples=50, stateful_step_count=30, deadline=None)
+
+
+# ----- soft per-layer quotas and the top/bottom split -----
+
+
+def released(t: SlotTable, *keys: SubExpertKey) -> None:
+    """Acquire and release each key in turn (each one as its own layer's step)."""
+    for key in keys:
+        t.acquire([key], 0, key.layer, 2)
+        t.release([key])
+
+
+def test_quota_victim_comes_from_the_over_quota_layer() -> None:
+    c1, a0, b0, d1 = SubExpertKey(1, 2, 0), SubExpertKey(0, 0, 0), SubExpertKey(0, 1, 0), SubExpertKey(1, 3, 0)
+    t = table(3)
+    t.configure({0: 1, 1: 2})
+    released(t, c1, a0, b0)  # layer 0 holds 2 > 1
+    released(t, d1)
+    assert t.lookup(a0) is None and t.lookup(c1) is not None  # plain LRU would have evicted c1
+    t.check_invariants()
+
+
+def test_layer_at_its_quota_evicts_its_own_unit() -> None:
+    x1, a0, b0, c0 = SubExpertKey(1, 0, 0), SubExpertKey(0, 0, 0), SubExpertKey(0, 1, 0), SubExpertKey(0, 2, 0)
+    t = table(3)
+    t.configure({0: 2, 1: 1})
+    released(t, x1, a0, b0, c0)
+    assert t.lookup(a0) is None and t.lookup(x1) is not None
+
+
+@pytest.mark.parametrize(("top_slots", "incoming", "victim"), [
+    (1, SubExpertKey(0, 3, 1), SubExpertKey(0, 0, 0)),  # 2 top units held > 1: the oldest top goes
+    (2, SubExpertKey(0, 3, 1), SubExpertKey(0, 1, 1)),  # top at its share: the bottom unit goes
+    (2, SubExpertKey(0, 3, 0), SubExpertKey(0, 0, 0)),  # a third top unit would exceed 2: a top goes
+])
+def test_top_bottom_split_picks_the_region(top_slots: int, incoming: SubExpertKey, victim: SubExpertKey) -> None:
+    t = table(3)
+    t.configure({0: 3}, top_slots={0: top_slots}, top_groups=1)
+    released(t, SubExpertKey(0, 1, 1), SubExpertKey(0, 0, 0), SubExpertKey(0, 2, 0))
+    released(t, incoming)
+    assert t.lookup(victim) is None and t.evictions == 1
+    t.check_invariants()
+
+
+def test_quota_falls_back_to_the_policy_when_over_quota_units_are_pinned() -> None:
+    a0, b0, c1, d1 = SubExpertKey(0, 0, 0), SubExpertKey(0, 1, 0), SubExpertKey(1, 0, 0), SubExpertKey(1, 1, 0)
+    t = table(3)
+    t.configure({0: 1, 1: 2})
+    released(t, c1)
+    t.acquire([a0, b0], 1, 0, 2)  # layer 0 over its quota, but pinned
+    t.acquire([d1], 1, 1, 2)
+    assert t.lookup(c1) is None and t.is_pinned(a0) and t.is_pinned(b0)
+
+
+def test_configure_none_restores_the_plain_policy() -> None:
+    t = table(2)
+    t.configure({0: 1})
+    assert t.quotas == {0: 1}
+    t.configure(None)
+    assert t.quotas is None
+    released(t, A, B, C)
+    assert t.lookup(A) is None  # plain LRU
+
+
+@pytest.mark.parametrize(("quotas", "top_slots", "top_groups", "match"), [
+    ({0: 2, 1: 2}, None, 0, "sum to 4 slots but the cache has 3"),
+    ({0: -1}, None, 0, "whole numbers"),
+    ({0: 2}, {0: 3}, 1, "between 0 and the layer's quota 2"),
+    ({0: 2}, None, 1, "needs both"),
+    ({0: 2}, {0: 1}, 0, "needs both"),
+])
+def test_bad_quotas_are_rejected_and_change_nothing(quotas: dict, top_slots: dict | None, top_groups: int,
+                                                    match: str) -> None:
+    t = table(3)
+    with pytest.raises(ConfigError, match=match):
+        t.configure(quotas, top_slots, top_groups)
+    assert t.quotas is None
+
+
+def test_observer_sees_every_acquire() -> None:
+    t = table(2)
+    seen: list[list[SubExpertKey]] = []
+    t.observer = lambda keys: seen.append(list(keys))
+    t.acquire([A, B, A], 0, 0, 1)
+    assert seen == [[A, B, A]]
+
+
+class QuotaSlotTableMachine(SlotTableMachine):
+    """The same random runs, with quotas and splits reconfigured at random: every invariant of the
+    plain table must still hold, and acquire must fail exactly when it would without quotas."""
+
+    @rule(data=st.data(), top_groups=st.integers(0, 1))
+    def configure(self, data: st.DataObject, top_groups: int) -> None:
+        cuts = sorted(data.draw(st.lists(st.integers(0, self.table.num_slots), min_size=NUM_LAYERS, max_size=NUM_LAYERS)))
+        quotas = {layer: cuts[layer] - (cuts[layer - 1] if layer else 0) for layer in range(NUM_LAYERS)}
+        top_slots = {layer: data.draw(st.integers(0, q)) for layer, q in quotas.items()} if top_groups else None
+        self.table.configure(quotas, top_slots, top_groups)
+
+
+TestQuotaSlotTableMachine = QuotaSlotTableMachine.TestCase
+TestQuotaSlotTableMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)

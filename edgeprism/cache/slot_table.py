@@ -7,22 +7,28 @@ on the CPU, and it holds no ranking logic: an :class:`EvictionPolicy` picks vict
 Pins are the safety rule. `acquire` pins every unit a layer is about to read and `release` unpins it
 after the layer's GEMM is done; a pinned unit is never evicted, because the GEMM (possibly still
 running on the GPU) reads its slot, and overwriting that slot would corrupt the output silently.
+
+Opt-in, `configure` gives each layer a soft quota of slots and a top/bottom split
+(:class:`~edgeprism.cache.quota.LayerQuotas`); without it the table behaves as a plain global
+cache run by its policy. `observer`, when set, sees the keys of every `acquire` (the adaptive
+configuration measures hit curves from them).
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sized
-from typing import Sequence
+from collections.abc import Callable, Mapping, Sequence, Sized
 
 from edgeprism.cache.keys import SubExpertKey
 from edgeprism.cache.policies import EvictionPolicy
+from edgeprism.cache.quota import LayerQuotas
 from edgeprism.errors import CacheFullError, ConfigError
 
 log = logging.getLogger(__name__)
 
 Fill = tuple[SubExpertKey, int]  # a unit the caller must now copy into the slot
+Observer = Callable[[Sequence[SubExpertKey]], None]
 
 
 class SlotTable:
@@ -43,7 +49,27 @@ class SlotTable:
         self._key_in: list[SubExpertKey | None] = [None] * num_slots
         self._free: list[int] = list(range(num_slots - 1, -1, -1))  # pop() gives the lowest slot
         self._pins: dict[SubExpertKey, int] = {}  # pinned units only, count >= 1
+        self._quotas: LayerQuotas | None = None
+        self.observer: Observer | None = None
         self.reset_counters()
+
+    def configure(self, quotas: Mapping[int, int] | None, top_slots: Mapping[int, int] | None = None,
+                  top_groups: int = 0) -> None:
+        """Soft per-layer quotas (slots per layer, summing to at most num_slots) and, with
+        `top_groups` > 0, the part `top_slots[layer]` of each quota meant for the layer's top units
+        (group < top_groups); None turns quotas off. Nothing is evicted now: units move as misses
+        need slots. Raises ConfigError, changing nothing, on quotas the pool cannot honour.
+        """
+        if quotas is None:
+            self._quotas = None
+            return
+        resident = self._quotas.in_lru_order() if self._quotas is not None else list(self._slot_of)
+        self._quotas = LayerQuotas(self.num_slots, quotas, top_slots, top_groups, resident)
+        log.debug("cache quotas %s, top slots %s (top_groups=%d)", dict(quotas), top_slots, top_groups)
+
+    @property
+    def quotas(self) -> dict[int, int] | None:
+        return None if self._quotas is None else dict(self._quotas.quotas)
 
     # ----- queries -----
 
@@ -90,6 +116,8 @@ class SlotTable:
         could serve the call.
         """
         self._check_fits(keys)
+        if self.observer is not None:
+            self.observer(keys)
         slots = [0] * len(keys)
         missing: list[int] = []
         for i, key in enumerate(keys):
@@ -128,7 +156,7 @@ class SlotTable:
         """
         if key in self._slot_of:
             return None
-        slot = self._claim_slot(step, current_layer, num_layers)
+        slot = self._claim_slot(key, step, current_layer, num_layers)
         if slot is None:
             return None
         self._place(key, slot, step)
@@ -141,11 +169,8 @@ class SlotTable:
         slot = self._slot_of.get(key)
         if slot is None or key in self._pins:
             return False
-        del self._slot_of[key]
-        self._key_in[slot] = None
+        self._evict(key)
         self._free.append(slot)
-        self.evictions += 1
-        self.policy.on_evict(key)
         return True
 
     def preload(self, keys: Sequence[SubExpertKey]) -> list[Fill]:
@@ -185,6 +210,8 @@ class SlotTable:
         self._pins[key] = self._pins.get(key, 0) + 1
         self.hits += 1
         self.policy.on_access(key, step)
+        if self._quotas is not None:
+            self._quotas.touch(key)
         return slot
 
     def _use_missing(
@@ -196,7 +223,7 @@ class SlotTable:
             return self._use_resident(key, slot, step)
         self.misses += 1
         self.policy.on_access(key, step)
-        slot = self._claim_slot(step, current_layer, num_layers)
+        slot = self._claim_slot(key, step, current_layer, num_layers)
         if slot is None:
             raise AssertionError(f"policy {self.policy.name} found no victim though _check_fits passed")
         self._place(key, slot, step)
@@ -204,25 +231,41 @@ class SlotTable:
         fills.append((key, slot))
         return slot
 
-    def _claim_slot(self, step: int, current_layer: int, num_layers: int) -> int | None:
-        """A free slot, else the slot of an evicted policy victim; None if every unit is pinned."""
+    def _claim_slot(self, incoming: SubExpertKey, step: int, current_layer: int, num_layers: int) -> int | None:
+        """A free slot, else the slot of an evicted victim (the quotas', else the policy's) for
+        `incoming`; None if every unit is pinned."""
         if self._free:
             return self._free.pop()
-        victim = self.policy.choose_victim(self._pins.__contains__, step, current_layer, num_layers)
+        is_pinned = self._pins.__contains__
+        victim = None
+        if self._quotas is not None:
+            victim = self._quotas.victim(incoming, is_pinned, current_layer, num_layers)
+        if victim is None:
+            victim = self.policy.choose_victim(is_pinned, step, current_layer, num_layers)
         if victim is None:
             return None
         if victim in self._pins or victim not in self._slot_of:
-            raise AssertionError(f"policy {self.policy.name} chose {victim}: pinned or not resident")
-        slot = self._slot_of.pop(victim)
+            chooser = "quotas" if self._quotas is not None else "policy"
+            raise AssertionError(f"victim {victim} (policy {self.policy.name}, {chooser}): pinned or not resident")
+        slot = self._slot_of[victim]
+        self._evict(victim)
+        return slot
+
+    def _evict(self, key: SubExpertKey) -> None:
+        """Forget the resident, unpinned `key`; its slot is the caller's to reuse or free."""
+        slot = self._slot_of.pop(key)
         self._key_in[slot] = None
         self.evictions += 1
-        self.policy.on_evict(victim)
-        return slot
+        self.policy.on_evict(key)
+        if self._quotas is not None:
+            self._quotas.remove(key)
 
     def _place(self, key: SubExpertKey, slot: int, step: int) -> None:
         self._slot_of[key] = slot
         self._key_in[slot] = key
         self.policy.on_insert(key, step)
+        if self._quotas is not None:
+            self._quotas.place(key)
 
     # ----- checks -----
 
@@ -242,6 +285,9 @@ class SlotTable:
         tracked = len(self.policy) if isinstance(self.policy, Sized) else self.num_resident
         _require(tracked == self.num_resident, f"policy tracks {tracked} units; {self.num_resident} resident")
         _require(min(self.hits, self.misses, self.evictions, self.prefetches) >= 0, "negative counter")
+        if self._quotas is not None:
+            _require(self._quotas.tracked() == set(self._slot_of), "quota regions differ from the resident units")
+            self._quotas.check_invariants()
 
 
 def _require(condition: bool, message: str) -> None:
