@@ -39,6 +39,7 @@ from edgeprism.runtime.batched import BatchedGeneration, check_batch_args, stop_
 from edgeprism.runtime.graphs import DecodeStep
 from edgeprism.runtime.layerwise import LayerwiseDecode
 from edgeprism.runtime.memory import GiB, BudgetPlan, free_device_bytes, plan_budget
+from edgeprism.schedule.adaptive import AdaptiveCacheConfig
 from edgeprism.schedule.cost import CostModel, for_store
 from edgeprism.schedule.cpu_experts import CpuExperts
 from edgeprism.schedule.misses import MissScheduler
@@ -53,6 +54,7 @@ _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.flo
            "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+ADAPT_EVERY = 256  # decode tokens between re-solves of the adaptive cache shares
 
 
 def resolve_model(model: str | os.PathLike | None) -> Path:
@@ -110,6 +112,7 @@ class Engine:
         self.fetch = Prefetcher(self.cache, copies)
         self.experts = OffloadedExperts(self.cache, self.fetch, config.gather_limit)
         self.sched = self._miss_scheduler(cost, recalibrate)
+        self.adaptive = self._adaptive_cache()
         self.model = self._build_decoder()
         self.gate = self._unit_gate()
         self.decode_step = self._decode_step()
@@ -177,6 +180,15 @@ class Engine:
         if self.device.type == "cuda":
             self.fetch.copy_cost = cost  # predicts when in-flight copies land
         return MissScheduler(cfg.schedule, cost, CpuExperts(self.format, cfg.cpu_threads), self.store, self.fetch)
+
+    def _adaptive_cache(self) -> AdaptiveCacheConfig | None:
+        """Per-layer cache quotas re-solved every `ADAPT_EVERY` decode tokens (opt-in: observing the
+        routed units costs ~5 µs each on the host). Nothing to adapt when every expert is resident."""
+        if not self.config.adaptive_cache or self.experts.slot_map is not None:
+            return None
+        miss_cost = self.sched.cost.copy_unit_s if self.sched is not None else 1.0
+        return AdaptiveCacheConfig(self.cache.table, self.spec.moe_layers, miss_cost=miss_cost,
+                                   min_slots=self.spec.top_k * self.config.groups)
 
     def _decode_step(self) -> DecodeStep | LayerwiseDecode:
         """All experts resident: one graph per token. Dynamic cache: graph segments per MoE layer,
@@ -267,6 +279,8 @@ class Engine:
         self.experts.step = self._counts["forward_tokens"]
         self.gate.keep = keep
         if len(ids) == 1 and last_only and keep >= 1.0:
+            if self.adaptive is not None and self._counts["forward_tokens"] % ADAPT_EVERY == 0:
+                self.adaptive.update()
             return self.decode_step(ids[0], start)[-1]
         out: list[torch.Tensor] = []
         chunk = self.config.prefill_chunk
@@ -488,6 +502,7 @@ class Engine:
             **self.fetch.summary(),
             "schedule": self.config.schedule if self.sched is not None else "fetch",
             **(self.sched.stats.as_dict() if self.sched is not None else {}),
+            "adaptive_cache": self.adaptive.summary() if self.adaptive is not None else None,
         }
 
     def reset_stats(self) -> None:
@@ -506,7 +521,7 @@ class Engine:
             self._session += 1
             if getattr(self, "sched", None) is not None:
                 self.sched.close()
-            for attr in ("decode_step", "model", "gate", "sched", "experts", "fetch", "cache", "store"):
+            for attr in ("decode_step", "model", "gate", "sched", "adaptive", "experts", "fetch", "cache", "store"):
                 if hasattr(self, attr):
                     delattr(self, attr)
             if self.device.type == "cuda":
@@ -538,7 +553,8 @@ def load(model: str | os.PathLike | MemoryCheckpoint | None = None, vram_gb: flo
          expert_dtype: str | torch.dtype | None = None,
          gather_limit: int = 256 * 2**20, cuda_graphs: bool = True, prefetch: bool = False, lookahead: int = 1,
          predict_experts: int | None = None, schedule: str = "fetch", cpu_threads: int | None = None,
-         cost: CostModel | None = None, recalibrate: bool = False, progress: Progress | None = None) -> Engine:
+         cost: CostModel | None = None, recalibrate: bool = False, adaptive_cache: bool = False,
+         progress: Progress | None = None) -> Engine:
     """Load a Hugging Face MoE checkpoint directory (None = the embedded default model), or an
     in-memory `MemoryCheckpoint`.
 
@@ -560,6 +576,8 @@ def load(model: str | os.PathLike | MemoryCheckpoint | None = None, vram_gb: flo
     machine's cost model (copy, CPU and GPU prices: measured at the first load and cached on disk
     under ~/.cache/edgeprism/cost, `recalibrate=True` measures again, `cost` gives one), and lets
     generation calls trade quality for speed (`quality=`, `latency_ms=`). Prefill always fetches.
+    `adaptive_cache=True` gives each MoE layer a soft share of the expert cache, re-solved every 256
+    decode tokens from the layers' measured LRU hit curves (MoEpic-style; schedule/adaptive.py).
     """
     if vram_gb is not None and (isinstance(vram_gb, bool) or not isinstance(vram_gb, (int, float))):
         raise InputError(f"vram_gb={vram_gb!r}: must be a number of GB or None.")
@@ -575,7 +593,7 @@ def load(model: str | os.PathLike | MemoryCheckpoint | None = None, vram_gb: flo
                           expert_dtype=expert_dtype,
                           gather_limit=gather_limit, cuda_graphs=cuda_graphs, prefetch=prefetch,
                           lookahead=lookahead, predict_experts=predict_experts, schedule=schedule,
-                          cpu_threads=cpu_threads)
+                          cpu_threads=cpu_threads, adaptive_cache=adaptive_cache)
     dev = resolve_device(device)
     source = model if isinstance(model, MemoryCheckpoint) else Checkpoint(resolve_model(model))
     if refactored is not None:

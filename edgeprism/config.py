@@ -190,6 +190,7 @@ class EngineConfig:
     predict_experts: int | None = None  # experts prefetched per target layer (None = top_k)
     schedule: str = "fetch"  # decode misses: "fetch" (copy in), "cpu" (compute on the CPU), "hybrid" (planner)
     cpu_threads: int | None = None  # threads of the CPU expert path (None = CPUs − 1)
+    adaptive_cache: bool = False  # per-layer cache shares re-solved from measured hit curves (schedule/adaptive.py)
 
     def __post_init__(self) -> None:
         if self.vram_gb is not None and not self.vram_gb > 0:

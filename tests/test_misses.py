@@ -105,3 +105,18 @@ def test_resident_experts_need_no_scheduler(checkpoints):
     eng = load_cpu(checkpoints["olmoe"], schedule="hybrid", cache_fraction=1.0, cost=synthetic_cost(1))
     assert eng.sched is None and eng.stats()["schedule"] == "fetch"
     eng.close()
+
+
+def test_adaptive_cache_shares_change_residency_not_outputs(checkpoints, fetched, monkeypatch):
+    import edgeprism.api as api
+
+    monkeypatch.setattr(api, "ADAPT_EVERY", 4)
+    eng = load_cpu(checkpoints["olmoe"], adaptive_cache=True)
+    assert eng.generate_ids(PROMPT, max_new_tokens=12) == fetched["olmoe"][1]
+    summary = eng.stats()["adaptive_cache"]
+    assert summary["quotas"] is not None
+    assert sum(summary["quotas"].values()) <= eng.cache.num_slots
+    assert min(summary["quotas"].values()) >= 1
+    eng.cache.table.check_invariants()
+    eng.close()
+    assert load_cpu(checkpoints["olmoe"], adaptive_cache=True, cache_fraction=1.0).adaptive is None  # all resident
