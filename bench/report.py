@@ -36,7 +36,9 @@ def fmt(key: str, value: Any) -> str:
 
 def table(records: list[dict[str, Any]]) -> str:
     rows = ["| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    order = {s: i for i, s in enumerate(["edgeprism", "edgeprism-noprefetch", "lru-expert", "accelerate", "pcie-bound", "resident",
+    order = {s: i for i, s in enumerate(["edgeprism", "edgeprism-noprefetch", "edgeprism-fetch", "edgeprism-cpu",
+                                         "edgeprism-hybrid", "edgeprism-hybrid-q0.95", "edgeprism-latency",
+                                         "edgeprism-batched", "lru-expert", "accelerate", "pcie-bound", "resident",
                                          "edgeprism-resident", "transformers"])}
     for r in sorted(records, key=lambda r: (order.get(r["system"], 99), r.get("vram_gb") or 1e9)):
         rows.append("| " + " | ".join(fmt(k, r.get(k)) for k, _ in COLUMNS) + " |")

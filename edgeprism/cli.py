@@ -31,6 +31,8 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", default="fetch", choices=["fetch", "cpu", "hybrid"],
                    help="cache misses in decode: copy to the GPU, compute on the CPU, or choose per layer")
     p.add_argument("--cpu-threads", type=int, default=None, help="threads of the CPU expert path (default CPUs − 1)")
+    p.add_argument("--groups", type=int, default=None, help="sub-experts per expert (default 1, or a refactored "
+                   "model's own)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -128,7 +130,7 @@ def _load(args: argparse.Namespace, progress=None, **overrides):  # noqa: ANN001
 
     options = dict(vram_gb=args.vram_gb, device=args.device, dtype=args.dtype, policy=args.policy,
                    expert_dtype=args.expert_dtype, max_context=args.max_context, schedule=args.schedule,
-                   cpu_threads=args.cpu_threads, progress=progress)
+                   cpu_threads=args.cpu_threads, groups=args.groups, progress=progress)
     options.update(overrides)
     return load(args.model, **options)
 
