@@ -179,7 +179,9 @@ class Engine:
                               f"{self.format.unit_bytes}; pass cost=None to measure it on this machine.")
         if self.device.type == "cuda":
             self.fetch.copy_cost = cost  # predicts when in-flight copies land
-        return MissScheduler(cfg.schedule, cost, CpuExperts(self.format, cfg.cpu_threads), self.store, self.fetch)
+        sched = MissScheduler(cfg.schedule, cost, CpuExperts(self.format, cfg.cpu_threads), self.store, self.fetch)
+        sched.set_units(self.spec.top_k * cfg.groups)  # a decode segment computes k·G unit slots
+        return sched
 
     def _adaptive_cache(self) -> AdaptiveCacheConfig | None:
         """Per-layer cache quotas re-solved every `ADAPT_EVERY` decode tokens (opt-in: observing the

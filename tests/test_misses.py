@@ -120,3 +120,32 @@ def test_adaptive_cache_shares_change_residency_not_outputs(checkpoints, fetched
     eng.cache.table.check_invariants()
     eng.close()
     assert load_cpu(checkpoints["olmoe"], adaptive_cache=True, cache_fraction=1.0).adaptive is None  # all resident
+
+
+def test_hot_path_decides_as_the_planner():
+    """`plain_plan` (no `Plan` built) gives `plan`'s actions and latency on random layers."""
+    import random
+
+    from edgeprism.cache.keys import SubExpertKey
+    from edgeprism.schedule.scheduler import Action, Residency, RoutedUnit, plain_plan, plan
+
+    rng = random.Random(0)
+    for _ in range(400):
+        n = rng.randint(1, 12)
+        cost = CostModel(unit_bytes=rng.choice([1 << 16, 1 << 20, 9 << 20]), h2d_latency_s=rng.uniform(0, 3e-5),
+                         h2d_sizes=(4096, 16 << 20), h2d_bytes_per_s=(rng.uniform(5e9, 30e9), rng.uniform(30e9, 60e9)),
+                         cpu_call_s=rng.uniform(0, 2e-4), cpu_bytes_per_s=rng.uniform(5e9, 120e9),
+                         gpu_call_s=1e-5, gpu_unit_s=1e-6)
+        units = [RoutedUnit(SubExpertKey(1, e, 0), rng.random(), rng.choice([Residency.MISSING, Residency.RESIDENT]))
+                 for e in rng.sample(range(64), n)]
+        missing = sorted(u.key for u in units if u.residency is Residency.MISSING)
+        if not missing:
+            continue
+        free = rng.choice([0.0, rng.uniform(0, 1e-3)])
+        want = plan(units, cost, copy_free_s=free)
+        fetched, copy_s, cpu_s, latency = plain_plan(len(missing), free, cost.copy_unit_s, cost.cpu_call_s,
+                                                     cost.cpu_unit_s, cost.gpu_seconds(n))
+        got = {k: Action.FETCH if fetched > 0 and i < fetched else Action.CPU for i, k in enumerate(missing)}
+        assert {k: a for k, a in want.actions if a is not Action.HIT} == got
+        assert latency == pytest.approx(want.latency_s) and cpu_s == pytest.approx(want.cpu_s)
+        assert copy_s == pytest.approx(want.copy_s)

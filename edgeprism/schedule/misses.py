@@ -23,6 +23,7 @@ a unit whose copy was issued and has not landed yet is in flight, with its predi
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,7 +37,7 @@ from edgeprism.errors import InputError
 from edgeprism.prefetch.prefetcher import Prefetcher
 from edgeprism.schedule.cost import CostModel
 from edgeprism.schedule.cpu_experts import CpuExperts
-from edgeprism.schedule.scheduler import Action, Residency, RoutedUnit, plan
+from edgeprism.schedule.scheduler import Action, Residency, RoutedUnit, plain_plan, plan
 
 MODES = ("fetch", "cpu", "hybrid")
 GPU_ACTIONS = (Action.HIT, Action.WAIT, Action.FETCH)
@@ -78,6 +79,12 @@ class MissScheduler:
         self.keep, self.budget_s = 1.0, None
         self.stats = MissStats()
         self._gap_s = 0.0  # copy-engine idle time under the last plan's CPU call
+        self._prices = (cost.copy_unit_s, cost.cpu_call_s, cost.cpu_unit_s)  # properties: computed once
+        self._gpu_s = 0.0  # the GPU term of a layer (its k·G units), set by `set_units`
+
+    def set_units(self, n: int) -> None:
+        """The number of units a decode layer computes (k·G): the GPU term of every plan."""
+        self._gpu_s = self.cost.gpu_seconds(n)
         self._pool: ThreadPoolExecutor | None = None
 
     def decide(self, keys: Sequence[SubExpertKey], weights: Sequence[float]) -> list[Action]:
@@ -86,26 +93,39 @@ class MissScheduler:
         A unit's score for the quality floor is its weight (a unit's share of its expert is taken
         as equal across groups: `weights` repeat over an expert's groups)."""
         now = time.perf_counter()
-        units = []
-        for key, w in zip(keys, weights):
-            residency, ready_s = self.fetch.residency(key, now)
-            units.append(RoutedUnit(key, max(float(w), 0.0), residency, ready_s))
-        if self.mode == "cpu":
-            acts = [{Residency.RESIDENT: Action.HIT, Residency.INFLIGHT: Action.WAIT}.get(u.residency, Action.CPU)
-                    for u in units]
-            kept = total = sum(u.score for u in units)
-        else:  # hybrid
+        where = [self.fetch.residency(key, now) for key in keys]
+        total = math.fsum(max(float(w), 0.0) for w in weights)
+        self.stats.mass_routed += total
+        missing = [k for k, (res, _) in zip(keys, where) if res is Residency.MISSING]
+        inflight = any(res is Residency.INFLIGHT for res, _ in where)
+        self._gap_s = 0.0
+        if self.mode == "cpu" or not (missing or inflight):
+            acts = [{Residency.RESIDENT: Action.HIT, Residency.INFLIGHT: Action.WAIT}.get(res, Action.CPU)
+                    for res, _ in where]
+            kept = total
+            if self.mode == "hybrid":
+                self.stats.planned_s += self._gpu_s
+        elif not inflight and self.keep >= 1.0 and self.budget_s is None:  # the hot path: no `Plan` built
+            c, a, b = self._prices
+            fetched, copy_s, cpu_s, latency = plain_plan(len(missing), self.fetch.copy_free_s(now), c, a, b, self._gpu_s)
+            fetch = set(sorted(missing)[:fetched]) if fetched > 0 else set()
+            acts = [Action.HIT if res is Residency.RESIDENT else Action.FETCH if k in fetch else Action.CPU
+                    for k, (res, _) in zip(keys, where)]
+            kept = total
+            self.stats.planned_s += latency
+            self._gap_s = max(0.0, cpu_s - copy_s)
+        else:
+            units = [RoutedUnit(k, max(float(w), 0.0), res, ready) for k, w, (res, ready) in zip(keys, weights, where)]
             p = plan(units, self.cost, keep=self.keep, budget_s=self.budget_s,
                      copy_free_s=max(self.fetch.copy_free_s(now), max((u.ready_s for u in units), default=0.0)))
             by_key = dict(p.actions)
             acts = [by_key[k] for k in keys]
-            kept, total = p.kept_mass, p.total_mass
+            kept = p.kept_mass
             self.stats.planned_s += p.latency_s
             self._gap_s = max(0.0, p.cpu_s - p.copy_s)
         for a in acts:
             self.stats.actions[a.value] += 1
         self.stats.mass_kept += kept
-        self.stats.mass_routed += total
         return acts
 
     def admissions(self, keys: Sequence[SubExpertKey], acts: Sequence[Action],

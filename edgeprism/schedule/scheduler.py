@@ -163,7 +163,10 @@ def plan(units: Sequence[RoutedUnit], cost: CostModel, keep: float = 1.0, budget
     inflight.sort(key=lambda u: (-u.ready_s, u.score, u.key))  # latest first: they leave the queue first
     ctx = _Layer(cost.copy_unit_s, cost.cpu_call_s, cost.cpu_unit_s, copy_free, keep * total, keep < 1.0,
                  len(units), total, allow_cpu, cost.gpu_seconds(len(units)), budget_s)
-    cands = list(ctx.fetch_cases(missing, inflight)) + list(ctx.nofetch_cases(missing, inflight))
+    if not inflight and keep >= 1.0 and budget_s is None:  # the common decode case: no drops, no waits
+        cands = ctx.plain_cases(len(missing))
+    else:
+        cands = list(ctx.fetch_cases(missing, inflight)) + list(ctx.nofetch_cases(missing, inflight))
     best, within = _choose(cands, budget_s)
     return _build(units, missing, inflight, best, ctx.gpu_s, total, within)
 
@@ -265,20 +268,21 @@ class _Layer:
             yield _Candidate(max(copy_s, cpu_s) + self.gpu_s, self.total - prefix[d], copy_s, cpu_s,
                              len(missing) - d - n_cpu, 0, d)
 
+    def plain_cases(self, m: int) -> list[_Candidate]:
+        """`fetch_cases` + `nofetch_cases` when nothing is in flight and nothing may drop: one split
+        with at least one fetch, and (if the CPU may) everything on the CPU — the same candidates,
+        in the same order, without the drop-count search."""
+        n_cpu, copy_s, cpu_s = self.split(m, 0.0)
+        cands = [_Candidate(max(copy_s, cpu_s) + self.gpu_s, self.total, copy_s, cpu_s, m - n_cpu, 0, 0)]
+        cpu_all = self.cpu(m)
+        if cpu_all < math.inf:
+            cands.append(_Candidate(cpu_all + self.gpu_s, self.total, 0.0, cpu_all, -1, 0, 0))
+        return cands
+
+
     def split(self, m: int, waited: float) -> tuple[int, float, float]:
         """Best count n of m misses (≥ 1 fetched) on the CPU: (n, copy finish, CPU finish)."""
-        c, a, b, F = self.copy_unit, self.cpu_call, self.cpu_unit, self.copy_free
-        counts = {0}
-        if self.allow_cpu and m > 1:
-            cross = (F + m * c - a) / (b + c)
-            flat = m - math.floor((waited - F) / c) if c > 0 and waited > F else m  # copy chain under W
-            counts |= {1, m - 1, *(min(max(int(v), 0), m - 1) for v in (math.floor(cross), math.ceil(cross), flat))}
-        best = (0, max(waited, F + m * c), 0.0)
-        for n in sorted(counts):
-            copy_s, cpu_s = max(waited, F + (m - n) * c), self.cpu(n)
-            if max(copy_s, cpu_s) < max(best[1], best[2]):
-                best = (n, copy_s, cpu_s)
-        return best
+        return split_misses(m, waited, self.copy_free, self.copy_unit, self.cpu_call, self.cpu_unit, self.allow_cpu)
 
     def nofetch_cases(self, missing: list[RoutedUnit], inflight: list[RoutedUnit]) -> Iterator[_Candidate]:
         """Nothing fetched: the j latest in-flight units leave the copy queue and join the misses in
@@ -297,6 +301,34 @@ class _Layer:
                 cpu_s = self.cpu(len(pool) - d)
                 if cpu_s < math.inf:
                     yield _Candidate(max(copy_s, cpu_s) + self.gpu_s, self.total - prefix[d], copy_s, cpu_s, -1, j, d)
+
+
+def split_misses(m: int, waited: float, F: float, c: float, a: float, b: float,
+                 allow_cpu: bool = True) -> tuple[int, float, float]:
+    """Best count n of m misses on the CPU with at least one fetched: (n, copy finish, CPU finish);
+    F: copy engine free, c: one copy, a + n·b: the CPU call (module docstring)."""
+    counts = {0}
+    if allow_cpu and m > 1:
+        cross = (F + m * c - a) / (b + c)
+        flat = m - math.floor((waited - F) / c) if c > 0 and waited > F else m  # copy chain under W
+        counts |= {1, m - 1, *(min(max(int(v), 0), m - 1) for v in (math.floor(cross), math.ceil(cross), flat))}
+    best = (0, max(waited, F + m * c), 0.0)
+    for n in sorted(counts):
+        copy_s, cpu_s = max(waited, F + (m - n) * c), (a + n * b if n else 0.0)
+        if max(copy_s, cpu_s) < max(best[1], best[2]):
+            best = (n, copy_s, cpu_s)
+    return best
+
+
+def plain_plan(m: int, F: float, c: float, a: float, b: float, gpu_s: float) -> tuple[int, float, float, float]:
+    """`plan` for m misses, nothing in flight, keep = 1, no budget, the CPU allowed, without building
+    a `Plan`: (misses fetched — the first ones in key order — or -1 for all on the CPU, copy finish,
+    CPU finish, latency). The same candidates and choice as `plan` (the decode hot path calls this)."""
+    n_cpu, copy_s, cpu_s = split_misses(m, 0.0, F, c, a, b)
+    fetch_latency, cpu_latency = max(copy_s, cpu_s) + gpu_s, a + m * b + gpu_s
+    if cpu_latency < fetch_latency:  # `_choose`: equal mass, so the lower latency; ties to the fetch case
+        return -1, 0.0, a + m * b, cpu_latency
+    return m - n_cpu, copy_s, cpu_s, fetch_latency
 
 
 def _close(a: float, b: float) -> bool:
