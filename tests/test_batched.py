@@ -46,6 +46,28 @@ def test_greedy_batch_equals_each_sequence_alone(checkpoints, name, fraction):
     assert [len(o) for o in expected] == MAX_NEW  # these checkpoints have no EOS: every sequence runs to its limit
 
 
+@pytest.mark.parametrize("name", ["olmoe", "mixtral-gqa"])
+def test_batch_steps_take_the_grouped_path(checkpoints, name, monkeypatch):
+    """With room for the batch's units, a step runs each layer in one grouped call (not unit by unit),
+    and still equals each sequence decoded alone."""
+    from edgeprism.moe.offload import OffloadedExperts
+
+    eng = load_cpu(checkpoints[name], cache_fraction=0.6)
+    expected = alone(eng)
+    batched_calls = []
+    original = OffloadedExperts._gathered
+
+    def spy(self, layer, x, ids, *args):
+        batched_calls.append(ids.shape[0])
+        return original(self, layer, x, ids, *args)
+
+    monkeypatch.setattr(OffloadedExperts, "_gathered", spy)
+    assert eng.generate_ids_batch(PROMPTS, max_new_tokens=MAX_NEW, max_batch=3) == expected
+    assert max(batched_calls) == 3  # the steps of three sequences at once
+    assert eng.experts.gather_max == 1  # prefill and single-sequence decode are unchanged afterwards
+    eng.cache.table.check_invariants()
+
+
 def test_sliding_window_attention_per_sequence(checkpoints):
     eng = load_cpu(checkpoints["mixtral-window"], cache_fraction=0.2)
     assert eng.spec.sliding_window == 5

@@ -11,6 +11,9 @@ Three execution paths, chosen per call by size:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from edgeprism.cache.keys import SubExpertKey
@@ -30,6 +33,9 @@ class OffloadedExperts:
         self.unit_bytes = cache.store.unit_bytes
         self.gather_limit = gather_limit_bytes
         self.step = 0
+        # Calls of up to this many tokens take the gathered path (batched decode raises it for its
+        # steps with `gather_tokens`; prefill chunks keep the unit-by-unit path)
+        self.gather_max = 1
         # static cache (everything resident): where each unit sits, on the host for the unit-by-unit
         # path and on the device for the sync-free decode path; None when the cache is dynamic
         self.host_slot_map = self._static_map() if cache.preload_all() else None
@@ -49,15 +55,26 @@ class OffloadedExperts:
         # x: [T, D]; ids, weights: [T, k]; units: [T, k, G] per-unit weights (0 = skip) or None -> [T, D]
         # The path depends only on the call's shape, never on the cache state, so that outputs are
         # bit-identical whatever the cache size or policy. A decode step's k·G units always fit.
-        if not (ids.shape[0] == 1 and self.can_gather(ids.shape[1])):
+        if not (ids.shape[0] <= self.gather_max and self.can_gather(ids.shape[0] * ids.shape[1])):
             return self._unit_by_unit(layer, x, ids, weights, units)
         if self.slot_map is not None:
             return self._static(layer, x, ids, weights, units)
         return self._gathered(layer, x, ids, weights, units)
 
     def can_gather(self, k: int) -> bool:
-        """Whether one token's k·G units fit the gather workspace (else they go unit by unit)."""
+        """Whether k experts' units (one token's k·G) fit the gather workspace (else they go unit by unit)."""
         return k * self.groups * self.unit_bytes <= self.gather_limit
+
+    @contextmanager
+    def gather_tokens(self, n: int) -> Iterator[None]:
+        """Let calls of up to `n` tokens take the gathered (or static) path, as one decode token does:
+        batched decode's B tokens then run in one grouped call per layer, each unit pinned once
+        however many of them route to it, instead of one call per unit."""
+        old, self.gather_max = self.gather_max, n
+        try:
+            yield
+        finally:
+            self.gather_max = old
 
     def _expand(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                 units: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,6 +95,8 @@ class OffloadedExperts:
     def _gathered(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                   units: torch.Tensor | None = None) -> torch.Tensor:
         keys = [SubExpertKey(layer, e, g) for row in ids.tolist() for e in row for g in range(self.groups)]
+        if ids.shape[0] > 1 and len(set(keys)) > self.cache.num_slots:  # a batch needing more units than slots
+            return self._unit_by_unit(layer, x, ids, weights, units)
         tokens, w = self._expand(x, ids, weights, units)
         if units is not None:  # skipped units are neither acquired, copied nor computed
             live = [i for i, u in enumerate(units.reshape(-1).tolist()) if u != 0]

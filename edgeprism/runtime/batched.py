@@ -261,7 +261,8 @@ class BatchedGeneration:
         t0, bytes0 = self.clock(), self.engine.cache.bytes_h2d
         self._count_forward(len(active))
         tokens = torch.tensor([s.out[-1] for s in active], dtype=torch.long, device=self.engine.device)
-        logits = self.model.forward_batch(tokens, [s.pos for s in active], [s.caches for s in active])  # [B, V]
+        with self.engine.experts.gather_tokens(len(active)):  # one grouped call per layer for the batch
+            logits = self.model.forward_batch(tokens, [s.pos for s in active], [s.caches for s in active])  # [B, V]
         for seq, row in zip(active, logits, strict=True):
             self._sample(seq, row)  # a host read of each row: the step's time includes the GPU's work
         step_s = self.clock() - t0
