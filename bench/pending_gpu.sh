@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The GPU measurements still owed by open issues (5, 8, 9), in one device call of ≤ 10 minutes each.
+# Usage on the GPU box (repo root; results under $OUT, then commit them to bench/results/<date>-h100-*/):
+#   OUT=/tmp/out bash bench/pending_gpu.sh sched     # issue 8: fetch / cpu / hybrid / hybrid-q0.95 / latency, 4 and 8 GB
+#   OUT=/tmp/out bash bench/pending_gpu.sh batched   # issue 8: batched decode, batch 1-8, and under a latency target
+#   OUT=/tmp/out bash bench/pending_gpu.sh int4      # issue 9: bf16 / int8 / int4 decode at 4 and 8 GB (48-layer share)
+#   OUT=/tmp/out bash bench/pending_gpu.sh tests     # every CUDA test
+set -euo pipefail
+OUT=${OUT:?set OUT to a results folder}
+G="--geometry qwen3-30b-a3b --layers 12 --tokens 32 --warmup 8"
+case "${1:?sched|batched|int4|tests}" in
+  sched)
+    for r in model uniform; do
+      python3 bench/decode.py $G --budgets 4 8 --routing $r --out "$OUT/sched-$r" \
+        --systems edgeprism-fetch,edgeprism-cpu,edgeprism-hybrid,edgeprism-hybrid-q0.95,edgeprism-latency,pcie-bound \
+        --latency-ms 8 6  # per-token targets at 4 and 8 GB (12 layers)
+    done
+    python3 bench/cpu_experts.py --out "$OUT/cpu_experts.json" --threads 15 --dtypes bf16 int8 int4 ;;
+  batched)
+    python3 bench/batched.py --geometry qwen3-30b-a3b --layers 12 --budget 8 --batches 1 2 4 8 --out "$OUT/batched"
+    python3 bench/batched.py --geometry qwen3-30b-a3b --layers 12 --budget 8 --latency-ms 150 --out "$OUT/batched-latency" ;;
+  int4)
+    python3 bench/quant_kernels.py decode --layers 12 --budgets 4 8 --out "$OUT/quant" ;;
+  tests)
+    python3 -m pytest -q tests/gpu ;;
+esac
