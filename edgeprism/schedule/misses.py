@@ -81,11 +81,11 @@ class MissScheduler:
         self._gap_s = 0.0  # copy-engine idle time under the last plan's CPU call
         self._prices = (cost.copy_unit_s, cost.cpu_call_s, cost.cpu_unit_s)  # properties: computed once
         self._gpu_s = 0.0  # the GPU term of a layer (its k·G units), set by `set_units`
+        self._pool: ThreadPoolExecutor | None = None
 
     def set_units(self, n: int) -> None:
         """The number of units a decode layer computes (k·G): the GPU term of every plan."""
         self._gpu_s = self.cost.gpu_seconds(n)
-        self._pool: ThreadPoolExecutor | None = None
 
     def decide(self, keys: Sequence[SubExpertKey], weights: Sequence[float]) -> list[Action]:
         """The action of each unit (in `keys` order); `weights` is each unit's routing weight.
@@ -134,7 +134,7 @@ class MissScheduler:
         gap: as many as fit in it, highest routing weight first (ties by key)."""
         if self.mode != "hybrid" or self._gap_s <= 0:
             return []
-        fit = int(self._gap_s / max(self.cost.copy_unit_s, 1e-12))
+        fit = int(self._gap_s / max(self._prices[0], 1e-12))
         cpu = sorted((i for i, a in enumerate(acts) if a is Action.CPU), key=lambda i: (-weights[i], keys[i]))
         chosen = [keys[i] for i in cpu[:fit]]
         self.stats.admitted += len(chosen)
