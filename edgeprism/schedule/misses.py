@@ -79,6 +79,7 @@ class MissScheduler:
         self.keep, self.budget_s = 1.0, None
         self.stats = MissStats()
         self._gap_s = 0.0  # copy-engine idle time under the last plan's CPU call
+        self._idle = False  # the copy engine had nothing queued and the last plan fetched nothing
         self._prices = (cost.copy_unit_s, cost.cpu_call_s, cost.cpu_unit_s)  # properties: computed once
         self._gpu_s = 0.0  # the GPU term of a layer (its k·G units), set by `set_units`
         self._pool: ThreadPoolExecutor | None = None
@@ -94,6 +95,7 @@ class MissScheduler:
         as equal across groups: `weights` repeat over an expert's groups)."""
         now = time.perf_counter()
         where = [self.fetch.residency(key, now) for key in keys]
+        self._idle = self.fetch.copy_free_s(now) == 0.0
         total = math.fsum(max(float(w), 0.0) for w in weights)
         self.stats.mass_routed += total
         missing = [k for k, (res, _) in zip(keys, where) if res is Residency.MISSING]
@@ -114,6 +116,7 @@ class MissScheduler:
             kept = total
             self.stats.planned_s += latency
             self._gap_s = max(0.0, cpu_s - copy_s)
+            self._idle = self._idle and fetched <= 0
         else:
             units = [RoutedUnit(k, max(float(w), 0.0), res, ready) for k, w, (res, ready) in zip(keys, weights, where)]
             p = plan(units, self.cost, keep=self.keep, budget_s=self.budget_s,
@@ -123,6 +126,7 @@ class MissScheduler:
             kept = p.kept_mass
             self.stats.planned_s += p.latency_s
             self._gap_s = max(0.0, p.cpu_s - p.copy_s)
+            self._idle = self._idle and p.count(Action.FETCH) == 0
         for a in acts:
             self.stats.actions[a.value] += 1
         self.stats.mass_kept += kept
@@ -132,9 +136,11 @@ class MissScheduler:
                    weights: Sequence[float]) -> list[SubExpertKey]:
         """The CPU units of the last `decide` worth copying into the cache in the copy engine's idle
         gap: as many as fit in it, highest routing weight first (ties by key)."""
-        if self.mode != "hybrid" or self._gap_s <= 0:
+        if self.mode != "hybrid":
             return []
         fit = int(self._gap_s / max(self._prices[0], 1e-12))
+        if self._idle:  # nothing queued and nothing fetched: one copy in flight costs no layer anything now
+            fit = max(fit, 1)
         cpu = sorted((i for i, a in enumerate(acts) if a is Action.CPU), key=lambda i: (-weights[i], keys[i]))
         chosen = [keys[i] for i in cpu[:fit]]
         self.stats.admitted += len(chosen)
