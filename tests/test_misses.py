@@ -165,3 +165,17 @@ def test_hybrid_admits_cpu_units_in_idle_copy_time(checkpoints, fetched):
     decode_logits(cpu)
     assert cpu.stats()["units_admitted"] == 0
     assert s["units_hit"] > cpu.stats()["units_hit"]  # admitted units became hits
+
+
+def test_a_failing_cpu_path_leaves_no_unit_pinned(checkpoints, fetched):
+    unit_bytes = fetched["olmoe"][2]
+    eng = load_cpu(checkpoints["olmoe"], schedule="cpu", cost=synthetic_cost(unit_bytes))
+
+    def broken(*args):
+        raise RuntimeError("the CPU path failed")
+
+    eng.sched.cpu = broken
+    with pytest.raises(RuntimeError, match="CPU path failed"):
+        eng.generate_ids(PROMPT, max_new_tokens=4)
+    assert not eng.cache.table._pins  # every pin of the failed step was released
+    eng.cache.table.check_invariants()

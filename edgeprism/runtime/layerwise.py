@@ -164,26 +164,35 @@ class LayerwiseDecode:
         pending = self.sched.submit_cpu(self.host_xn, [keys[i] for i in cpu], [weights[i] for i in cpu]) if cpu else None
         held = [keys[i] for i in gpu]
         slots = self.fetch.acquire(held, step, layer) if held else []
-        # positions not computed on the GPU read any slot at weight 0 (pool slots always hold finite values)
+        try:
+            self._write_slots(gpu, slots, len(keys))
+            if self.predictor is not None:  # prefetches go out while the CPU works
+                self._prefetch(j, experts, step, layer)
+            self.fetch.admit(self.sched.admissions(keys, acts, weights), step, layer)  # behind the urgent copies
+            if pending is not None:
+                self.host_y.copy_(pending.result())  # blocks on the future (no spin-wait)
+                self.y_extra.copy_(self.host_y, non_blocking=True)
+                self._extra_zero = False
+            elif not self._extra_zero:
+                self.y_extra.zero_()
+                self._extra_zero = True
+        except BaseException:
+            if held:  # the caller never sees them: leave no unit pinned
+                self.fetch.release(held)
+            raise
+        return held
+
+    def _write_slots(self, gpu: list[int], slots: list[int], n: int) -> None:
+        """Slot ids and 0/1 scales of a layer's n unit positions; positions not computed on the GPU
+        read a pinned slot (any slot if none) at weight 0 (pool slots always hold finite values)."""
         filler = slots[0] if slots else 0
-        host_slots, scale = [filler] * len(keys), [0.0] * len(keys)
+        host_slots, scale = [filler] * n, [0.0] * n
         for i, slot in zip(gpu, slots):
             host_slots[i], scale[i] = slot, 1.0
         self.host_slots.copy_(torch.tensor(host_slots, dtype=torch.long))
         self.host_scale.copy_(torch.tensor(scale))
         self.slots.copy_(self.host_slots, non_blocking=True)
         self.unit_scale.copy_(self.host_scale, non_blocking=True)
-        if self.predictor is not None:  # prefetches go out while the CPU works
-            self._prefetch(j, experts, step, layer)
-        self.fetch.admit(self.sched.admissions(keys, acts, weights), step, layer)  # behind the urgent copies
-        if pending is not None:
-            self.host_y.copy_(pending.result())  # blocks on the future (no spin-wait)
-            self.y_extra.copy_(self.host_y, non_blocking=True)
-            self._extra_zero = False
-        elif not self._extra_zero:
-            self.y_extra.zero_()
-            self._extra_zero = True
-        return held
 
     def _prefetch(self, j: int, experts: list[int], step: int, layer: int) -> None:
         self.predictor.observe(j, experts)
