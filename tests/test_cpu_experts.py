@@ -20,13 +20,13 @@ ROWS = {1: [[4]], 3: [[0, 1, 2], [5, 1, 3]], 8: [[0, 1, 2, 3, 4, 5, 6, 7], [7, 2
                                                 [15, 2, 3, 9, 0, 12, 6, 1]]}  # runs, any order, far rows
 
 
-def store(dtype: torch.dtype, groups: int, expert_dtype: str | None = None) -> HostStore:
-    fmt = make_format(expert_dtype, D, I // groups, dtype)
-    s = HostStore([0], E, groups, D, I, dtype, pin=False, fmt=fmt)
+def store(dtype: torch.dtype, groups: int, expert_dtype: str | None = None, dim: int = D, inter: int = I) -> HostStore:
+    fmt = make_format(expert_dtype, dim, inter // groups, dtype)
+    s = HostStore([0], E, groups, dim, inter, dtype, pin=False, fmt=fmt)
     g = torch.Generator().manual_seed(groups)
     for e in range(E):
-        w1, w3 = (torch.randn(I, D, generator=g) * 0.2 for _ in range(2))
-        s.fill_expert(0, e, w1, w3, torch.randn(D, I, generator=g) * 0.2)
+        w1, w3 = (torch.randn(inter, dim, generator=g) * 0.2 for _ in range(2))
+        s.fill_expert(0, e, w1, w3, torch.randn(dim, inter, generator=g) * 0.2)
     return s
 
 
@@ -78,20 +78,53 @@ def _regroup(s: HostStore, groups: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("impl", IMPLS[:2])  # native, or the format's own cpu_grouped
-@pytest.mark.parametrize("expert_dtype", ["int8", "bf16"])  # quantized rows; bf16 rows computed in fp32
+@pytest.mark.parametrize("expert_dtype", ["int8", "int4", "bf16"])  # quantized rows; bf16 rows computed in fp32
 def test_stored_formats(impl: str, expert_dtype: str) -> None:
-    s = store(torch.float32, 2, expert_dtype)
+    s = store(torch.float32, 2, expert_dtype, dim=128, inter=256)  # int4: groups of 64 or more divide D and Ig
     path = CpuExperts(s.format, threads=1, impl=impl)
     assert path.impl == ("native" if impl == "native" else "format")
-    x, rows, w = torch.randn(1, D), [1, 2, 9, 15], torch.rand(4)
+    x, rows, w = torch.randn(1, 128), [1, 2, 9, 15], torch.rand(4)
     ref = reference(s, x, rows, w)
     torch.testing.assert_close(path(x, s.arenas[0], rows, w), ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.skipif(native.load() is None, reason="native kernel unavailable")
-def test_native_is_deterministic_across_thread_counts() -> None:
-    s = store(torch.bfloat16, 2)
-    x, rows, w = torch.randn(1, D).bfloat16(), [3, 4, 5, 11], torch.rand(4)
+NATIVE = pytest.mark.skipif(native.load() is None, reason="native kernel unavailable")
+
+
+@NATIVE
+@pytest.mark.parametrize("expert_dtype", ["int4-g128", "int4-g64"])
+@pytest.mark.parametrize("rows", [[5], [0, 1, 2], [13, 2, 7, 8, 9], [15, 0, 11, 4, 3, 12, 6]])  # odd subsets
+def test_native_int4_equals_the_formats_reference(expert_dtype: str, rows: list[int]) -> None:
+    """Packed nibbles, fp16 scales and minimums read in place = dequantize, then fp32 matmul."""
+    s = store(torch.float32, 2, expert_dtype, dim=256, inter=256)  # Ig 128: both group sizes divide D and Ig
+    assert s.format.group_size == int(expert_dtype[-3:].lstrip("-g"))
+    g = torch.Generator().manual_seed(len(rows))
+    x, w = torch.randn(1, 256, generator=g), torch.rand(len(rows), generator=g) * 2 - 0.5  # some negative
+    ref = reference(s, x, rows, w)
+    for threads in (1, 2, 3):
+        path = CpuExperts(s.format, threads=threads, impl="native")
+        assert path.impl == "native"
+        y = path(x, s.arenas[0], rows, w)
+        torch.testing.assert_close(y, ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-4)
+
+
+@NATIVE
+def test_native_int4_reads_its_rows_in_compute_dtype_bf16() -> None:
+    s = store(torch.bfloat16, 2, "int4", dim=256, inter=256)
+    path = CpuExperts(s.format, threads=2)
+    assert path.impl == "native"
+    x, rows, w = torch.randn(1, 256).bfloat16(), [3, 9, 10], torch.rand(3)
+    ref = reference(s, x, rows, w)
+    y = path(x, s.arenas[0], rows, w)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref.float(), atol=tolerance(torch.bfloat16, ref), rtol=0)
+
+
+@NATIVE
+@pytest.mark.parametrize("expert_dtype", ["bf16", "int4"])
+def test_native_is_deterministic_across_thread_counts(expert_dtype: str) -> None:
+    s = store(torch.bfloat16, 2, expert_dtype, dim=128, inter=256)
+    x, rows, w = torch.randn(1, 128).bfloat16(), [3, 4, 5, 11], torch.rand(4)
     one, three = (CpuExperts(s.format, threads=t, impl="native")(x, s.arenas[0], rows, w) for t in (1, 3))
     assert torch.equal(one, three)  # every output element is summed by one thread, in one order
 

@@ -2,9 +2,16 @@
  * arena reachable (no gather). Built at first use by edgeprism/schedule/native.py; see cpu_experts.py.
  *
  * A unit row holds w13 = [w1; w3] (2Ig x D) at byte offset off13 and w2 (D x Ig) at off2, as fp32,
- * bf16 or int8 (kind 0/1/2; moe/kernels.py and moe/quant.py Int8Format). int8 rows also hold one fp32
- * scale per output channel: s13 [2Ig] at off_s13, s2 [D] at off_s2 (w = q * s).
+ * bf16, int8 or int4 (kind 0/1/2/3; moe/kernels.py and moe/quant.py Int8Format, Int4Format).
+ * int8 rows also hold one fp32 scale per output channel: s13 [2Ig] at off_s13, s2 [D] at off_s2
+ * (w = q * s). int4 rows hold two nibbles a byte (low = even input k): q13 [2Ig, D/2], q2 [D, Ig/2],
+ * and per group of gs inputs an fp16 scale and minimum: s13, m13 [2Ig, D/gs], s2, m2 [D, Ig/gs]
+ * (w = q * s + m). An int4 dot over one group is s * sum_k q_k v_k + m * sum_k v_k, so the kernel
+ * keeps its inputs deinterleaved (even k, then odd k: a byte's two nibbles meet two contiguous
+ * streams) with their group sums beside them.
+ * Phase 0 (int4), parallel over groups:  xd = x deinterleaved, xs[g] = sum of x over group g
  * Phase 1, parallel over (unit, neuron): act[i, j] = w[i] * silu(w1_j . x) * (w3_j . x)   (fp32)
+ *          (int4: act stored deinterleaved per unit, then as[i, g] = its group sums)
  * Phase 2, parallel over (unit, output):  part[i, d] = sum_j w2_i[d, j] * act[i, j]        (fp32)
  * Phase 3, parallel over output d:       y[d] = sum_i part[i, d]
  * Both phases stream the weights once, in order; accumulation is fp32 whatever the storage.
@@ -13,11 +20,21 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float bf16_to_f32(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
+static inline float bits_to_f32(uint32_t u) {
     float f;
     memcpy(&f, &u, 4);
     return f;
+}
+
+static inline float bf16_to_f32(uint16_t v) { return bits_to_f32((uint32_t)v << 16); }
+
+/* IEEE half -> float by bits: no dependence on _Float16 or F16C (read once per int4 group) */
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, mant = h & 0x3ff;
+    if (e == 31) return bits_to_f32(sign | 0x7f800000u | (mant << 13));
+    if (e) return bits_to_f32(sign | ((e + 112) << 23) | (mant << 13));
+    float f = (float)mant * 0x1p-24f; /* zero or subnormal */
+    return sign ? -f : f;
 }
 
 /* LANES independent partial sums: the compiler turns the inner loop into several vector FMAs per
@@ -27,6 +44,8 @@ static inline float bf16_to_f32(uint16_t v) {
  * one core of the CI machine; a prefetch never faults, so running past a row's end is harmless. */
 #define AHEAD 2048
 #define PREFETCH(p) __builtin_prefetch((const char *)(p) + AHEAD)
+/* int4: bytes of one group consumed per step; a group's gs/2 bytes must be a multiple (gs 64, 128) */
+#define I4_LANES 16
 
 static inline float dot_f32(const float *a, const float *x, int n) {
     float acc[LANES] = {0};
@@ -68,42 +87,117 @@ static inline float dot_i8(const int8_t *a, const float *x, int n) {
     return s;
 }
 
-/* row . x over n elements of a row of `kind`, starting at element `at` of the part at `part` */
+/* one int4 row . v over n inputs: q [n/2] bytes, s, m [n/gs] fp16; vd = v deinterleaved [n] (even k
+ * then odd k), vs [n/gs] group sums of v */
+static inline float dot_i4(const uint8_t *q, const uint16_t *s, const uint16_t *m, const float *vd,
+                           const float *vs, int n, int gs) {
+    const float *ve = vd, *vo = vd + n / 2;
+    const int gb = gs / 2;
+    float acc[I4_LANES] = {0}, shift = 0.f;
+    for (int g = 0; g < n / gs; g++) {
+        const uint8_t *qg = q + (int64_t)g * gb;
+        const float *eg = ve + (int64_t)g * gb, *og = vo + (int64_t)g * gb;
+        float ga[I4_LANES] = {0};
+        PREFETCH(qg);
+        for (int b = 0; b < gb; b += I4_LANES)
+            for (int l = 0; l < I4_LANES; l++) {
+                uint8_t v = qg[b + l];
+                ga[l] += (float)(v & 15) * eg[b + l] + (float)(v >> 4) * og[b + l];
+            }
+        float sg = f16_to_f32(s[g]);
+        for (int l = 0; l < I4_LANES; l++) acc[l] += sg * ga[l];
+        shift += f16_to_f32(m[g]) * vs[g];
+    }
+    for (int l = 0; l < I4_LANES; l++) shift += acc[l];
+    return shift;
+}
+
+/* row . x over n elements of a row of `kind` 0-2, starting at element `at` of the part at `part` */
 static inline float dot_any(const char *part, int kind, int64_t at, const float *x, int n) {
     if (kind == 0) return dot_f32((const float *)part + at, x, n);
     if (kind == 1) return dot_bf16((const uint16_t *)part + at, x, n);
     return dot_i8((const int8_t *)part + at, x, n);
 }
 
-/* arena: row 0; rows[n]: which rows; w[n]: unit weights; x[D]; work: [n * (Ig + D)] workspace; y[D]
- * output. One parallel region, three static loops (barriers between): every thread streams one
- * contiguous stretch of rows in each phase, and every output is summed by one thread in one order
- * (the result does not depend on the thread count). */
+/* where input k of an n-vector sits once deinterleaved (even k, then odd k) */
+static inline int64_t deinterleaved(int64_t k, int n) { return (k & 1) * (n / 2) + k / 2; }
+
+/* Floats of workspace `swiglu_rows` needs for n units. */
+int64_t swiglu_rows_work(int kind, int n, int D, int Ig, int gs) {
+    int64_t base = (int64_t)n * (Ig + D);
+    return kind == 3 ? base + D + D / gs + (int64_t)n * (Ig / gs) : base;
+}
+
+/* arena: row 0; rows[n]: which rows; w[n]: unit weights; x[D]; work: [swiglu_rows_work(...)]
+ * workspace; y[D] output; gs: int4 group size (ignored by other kinds). One parallel region, static
+ * loops (barriers between): every thread streams one contiguous stretch of rows in each phase, and
+ * every output is summed by one thread in one order (the result does not depend on the thread count). */
 void swiglu_rows(const char *arena, int kind, int64_t row_bytes, int64_t off13, int64_t off2, int64_t off_s13,
-                 int64_t off_s2, const int64_t *rows, const float *w, int n, int D, int Ig, const float *x,
-                 float *work, float *y, int threads) {
+                 int64_t off_s2, int64_t off_m13, int64_t off_m2, const int64_t *rows, const float *w, int n,
+                 int D, int Ig, int gs, const float *x, float *work, float *y, int threads) {
     float *act = work, *part = work + (int64_t)n * Ig;
+    float *xd = part + (int64_t)n * D, *xs = xd + D, *as = xs + (kind == 3 ? D / gs : 0);
+    const int int4 = kind == 3;
 #pragma omp parallel num_threads(threads)
     {
+        /* phase 0 (int4): xd = x deinterleaved, xs[g] = sum of group g of x */
+        if (int4) {
+#pragma omp for schedule(static)
+            for (int g = 0; g < D / gs; g++) {
+                float sum = 0.f;
+                for (int k = g * gs; k < (g + 1) * gs; k++) {
+                    xd[deinterleaved(k, D)] = x[k];
+                    sum += x[k];
+                }
+                xs[g] = sum;
+            }
+        }
         /* phase 1: act[i, j] = w[i] * silu(w1_j . x) * (w3_j . x) */
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < (int64_t)n * Ig; t++) {
             int i = (int)(t / Ig), j = (int)(t % Ig);
             const char *row = arena + rows[i] * row_bytes;
-            float g = dot_any(row + off13, kind, (int64_t)j * D, x, D);
-            float u = dot_any(row + off13, kind, (int64_t)(Ig + j) * D, x, D);
+            float g, u;
+            if (int4) {
+                const uint8_t *q = (const uint8_t *)(row + off13);
+                const uint16_t *s = (const uint16_t *)(row + off_s13), *m = (const uint16_t *)(row + off_m13);
+                int64_t G = D / gs;
+                g = dot_i4(q + (int64_t)j * (D / 2), s + j * G, m + j * G, xd, xs, D, gs);
+                u = dot_i4(q + (int64_t)(Ig + j) * (D / 2), s + (Ig + j) * G, m + (Ig + j) * G, xd, xs, D, gs);
+            } else {
+                g = dot_any(row + off13, kind, (int64_t)j * D, x, D);
+                u = dot_any(row + off13, kind, (int64_t)(Ig + j) * D, x, D);
+            }
             if (kind == 2) {
                 const float *s13 = (const float *)(row + off_s13);
                 g *= s13[j];
                 u *= s13[Ig + j];
             }
-            act[t] = w[i] * (g / (1.f + expf(-g))) * u;
+            act[int4 ? (int64_t)i * Ig + deinterleaved(j, Ig) : t] = w[i] * (g / (1.f + expf(-g))) * u;
+        }
+        /* phase 1b (int4): as[i, g] = sum of group g of unit i's act */
+        if (int4) {
+            const int G = Ig / gs, gb = gs / 2;
+#pragma omp for schedule(static)
+            for (int64_t t = 0; t < (int64_t)n * G; t++) {
+                const float *a = act + (t / G) * Ig + (t % G) * gb;
+                float sum = 0.f;
+                for (int b = 0; b < gb; b++) sum += a[b] + a[Ig / 2 + b];
+                as[t] = sum;
+            }
         }
         /* phase 2: part[i, d] = w2_i[d, :] . act[i, :] */
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < (int64_t)n * D; t++) {
             int i = (int)(t / D), d = (int)(t % D);
             const char *row = arena + rows[i] * row_bytes;
+            if (int4) {
+                int64_t G = Ig / gs;
+                part[t] = dot_i4((const uint8_t *)(row + off2) + (int64_t)d * (Ig / 2),
+                                 (const uint16_t *)(row + off_s2) + d * G, (const uint16_t *)(row + off_m2) + d * G,
+                                 act + (int64_t)i * Ig, as + i * G, Ig, gs);
+                continue;
+            }
             float p = dot_any(row + off2, kind, (int64_t)d * Ig, act + (int64_t)i * Ig, Ig);
             part[t] = kind == 2 ? p * ((const float *)(row + off_s2))[d] : p;
         }

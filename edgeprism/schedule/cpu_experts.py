@@ -7,12 +7,14 @@ on the GPU. Getting there takes one call per layer, not one per unit: torch's pe
 of the same math (`moe/kernels.grouped_swiglu`), chosen by `impl`:
 
 - ``native`` (default where a C compiler exists): `_swiglu_rows.c`, one OpenMP call over any set of
-  arena rows, fp32 accumulation, fp32, bf16 or int8 (`Int8Format`) rows read in place;
+  arena rows, fp32 accumulation, fp32, bf16, int8 (`Int8Format`) or int4 (`Int4Format`: packed
+  nibbles, fp16 group scales and minimums) rows read in place — quantized rows are never dequantized
+  to a copy, so the CPU reads ~2× (int8) or ~3.6–3.8× (int4) fewer bytes a unit than bf16;
 - ``torch``: maximal runs of adjacent rows (a planner's CPU units are key-ordered, so an expert's
   groups form one run) as strided views, one `bmm` per projection per run — no gather copy;
 - ``unit``: one `mv` per projection per unit (the baseline the others must beat).
 
-Other rows (fp16, int4; int8 without a compiler) go through their format's own `cpu_grouped`.
+Other rows (fp16; int8 and int4 without a compiler) go through their format's own `cpu_grouped`.
 
 Threads: `max(1, CPUs − 1)` by default, leaving one core to the thread that issues copies and waits
 on events (a spinning waiter made a 16-thread CPU FFN 14–80× slower on the H100 box). `submit` runs a
@@ -25,15 +27,17 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from edgeprism.errors import InputError
-from edgeprism.moe.quant import DenseFormat, Int8Format, UnitFormat
+from edgeprism.moe.quant import DenseFormat, Int4Format, Int8Format, UnitFormat
 from edgeprism.schedule import native
 
 IMPLS = ("auto", "native", "torch", "unit")
+I4_LANES = 16  # `_swiglu_rows.c`: an int4 group is read 16 bytes (32 inputs) a step
 
 
 def default_threads() -> int:
@@ -71,7 +75,7 @@ class CpuExperts:
         lib = native.load() if self._layout is not None and impl in ("auto", "native") else None
         if impl == "native" and lib is None:
             raise InputError("the native CPU expert kernel is unavailable (no C compiler, or rows that are not "
-                             "fp32, bf16 or int8); use impl='torch'")
+                             "fp32, bf16, int8 or int4 with groups of a multiple of 32); use impl='torch'")
         dense = isinstance(fmt, DenseFormat) and fmt.row_dtype == fmt.compute_dtype
         fallback = "format" if not dense else ("unit" if impl == "unit" else "torch")
         self.impl = "native" if lib is not None else fallback
@@ -124,12 +128,12 @@ class CpuExperts:
         idx = torch.as_tensor(list(rows), dtype=torch.int64)
         if int(idx.min()) < 0 or int(idx.max()) >= arena.shape[0]:
             raise InputError(f"rows must lie in [0, {arena.shape[0]})")
-        work = torch.empty(len(rows) * (Ig + D))
+        lay = self._layout
+        work = torch.empty(self._lib.swiglu_rows_work(lay.kind, len(rows), D, Ig, lay.group_size))
         y = torch.empty(1, D)
-        kind, offsets = self._layout
-        self._lib.swiglu_rows(arena.data_ptr(), kind, arena.shape[1] * arena.element_size(), *offsets,
-                              idx.data_ptr(), w.data_ptr(), len(rows), D, Ig, xf.data_ptr(), work.data_ptr(),
-                              y.data_ptr(), self.threads)
+        self._lib.swiglu_rows(arena.data_ptr(), lay.kind, arena.shape[1] * arena.element_size(), *lay.offsets,
+                              idx.data_ptr(), w.data_ptr(), len(rows), D, Ig, lay.group_size, xf.data_ptr(),
+                              work.data_ptr(), y.data_ptr(), self.threads)
         return y.to(x.dtype)
 
     def _runs(self, x: torch.Tensor, arena: torch.Tensor, rows: Sequence[int],
@@ -155,14 +159,28 @@ class CpuExperts:
         return y[None].to(x.dtype)
 
 
-def native_layout(fmt: UnitFormat) -> tuple[int, tuple[int, int, int, int]] | None:
-    """(kind, byte offsets of w13, w2, s13, s2 in a row) for the native kernel, or None if it cannot read
-    these rows. Dense rows are read in their storage dtype whatever the compute dtype (fp32 math)."""
+@dataclass(frozen=True)
+class NativeLayout:
+    """How `_swiglu_rows.c` reads a format's rows: `kind` 0-3 = fp32, bf16, int8, int4 rows; byte
+    offsets in a row of w13, w2, their scales s13, s2 and minimums m13, m2 (0 where the kind has
+    none); `group_size` of int4 (0 otherwise)."""
+
+    kind: int
+    offsets: tuple[int, int, int, int, int, int]
+    group_size: int = 0
+
+
+def native_layout(fmt: UnitFormat) -> NativeLayout | None:
+    """How the native kernel reads `fmt`'s rows, or None if it cannot. Dense rows are read in their
+    storage dtype whatever the compute dtype (fp32 math); quantized rows in place, scales and all."""
     D, Ig = fmt.dim, fmt.group_inter
     if isinstance(fmt, DenseFormat) and fmt.row_dtype in (torch.float32, torch.bfloat16):
         size = torch.empty((), dtype=fmt.row_dtype).element_size()
-        return (0 if fmt.row_dtype == torch.float32 else 1), (0, 2 * Ig * D * size, 0, 0)
+        return NativeLayout(0 if fmt.row_dtype == torch.float32 else 1, (0, 2 * Ig * D * size, 0, 0, 0, 0))
     if isinstance(fmt, Int8Format):
         at = {name: offset for name, (offset, _, _) in fmt.layout.items()}
-        return 2, (at["q13"], at["q2"], at["s13"], at["s2"])
+        return NativeLayout(2, (at["q13"], at["q2"], at["s13"], at["s2"], 0, 0))
+    if isinstance(fmt, Int4Format) and fmt.group_size % (2 * I4_LANES) == 0:
+        at = {name: offset for name, (offset, _, _) in fmt.layout.items()}
+        return NativeLayout(3, (at["q13"], at["q2"], at["s13"], at["s2"], at["m13"], at["m2"]), fmt.group_size)
     return None

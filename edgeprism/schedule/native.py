@@ -68,5 +68,8 @@ def load() -> ctypes.CDLL | None:
         return None
     lib.swiglu_rows.restype = None
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.swiglu_rows.argtypes = [ptr, i32, i64, i64, i64, i64, i64, ptr, ptr, i32, i32, i32, ptr, ptr, ptr, i32]
+    lib.swiglu_rows.argtypes = [ptr, i32, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, i32, i32, i32, i32, ptr, ptr,
+                                ptr, i32]
+    lib.swiglu_rows_work.restype = i64
+    lib.swiglu_rows_work.argtypes = [i32, i32, i32, i32, i32]
     return lib
