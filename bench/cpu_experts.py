@@ -3,10 +3,12 @@
     python3 bench/cpu_experts.py --out FILE [--threads N [N ...]] [--arena-gb 4] [--iters 20]
 
 One decode layer = 8 units computed by `schedule.cpu_experts.CpuExperts` in one call, for bf16 and
-fp32 rows and each implementation (`native` C kernel, `torch` strided bmm over runs of rows, `unit`
+fp32 rows (and, with `--dtypes int8 int4`, quantized rows: `moe/quant.py`, computed for a bf16 model;
+"torch" then means the format's own `cpu_grouped`) and each implementation (`native` C kernel, `torch` strided bmm over runs of rows, `unit`
 one mv per unit), with the 8 units either adjacent rows (one expert's groups, or the planner's
 key-ordered CPU units) or scattered. Rows are rotated over an arena of `--arena-gb` so the weights come
-from DRAM, not the last-level cache. "GB/s" = bytes of the units' weights ÷ time per call; next to it
+from DRAM, not the last-level cache. "GB/s" = bytes of the units' stored rows (weights, plus scales for
+quantized rows) ÷ time per call; next to it
 a plain read of the same arena by torch (`sum` over 64 MiB blocks, same threads) as the machine's
 reachable read bandwidth. Each record also carries the max error against `moe/kernels.grouped_swiglu`.
 Last, per dtype, the scheduler's `CostModel` as `schedule.cost.calibrate` measures it here (PCIe by
@@ -32,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from edgeprism.moe.kernels import grouped_swiglu
-from edgeprism.moe.quant import make_format
+from edgeprism.moe.quant import UnitFormat, make_format
 from edgeprism.schedule import native
 from edgeprism.schedule.cost import calibrate
 from edgeprism.schedule.cpu_experts import CpuExperts, default_threads
@@ -55,25 +57,48 @@ def row_sets(rows_total: int, iters: int, layout: str, gen: torch.Generator) -> 
 
 def read_bandwidth(arena: torch.Tensor, iters: int) -> float:
     """torch's plain read rate over the arena (sum of 64 MiB blocks), bytes/s."""
-    flat = arena.view(-1)
-    block = (64 << 20) // arena.element_size()
+    flat = arena.view(-1) if arena.is_floating_point() else arena.view(torch.int64).view(-1)  # bytes: int64 sums as fast
+    block = (64 << 20) // flat.element_size()
     blocks = [flat[i:i + block] for i in range(0, flat.numel() - block + 1, block)][:max(iters, 4)]
     blocks[0].sum()
     t0 = time.perf_counter()
     for b in blocks:
         b.sum()
-    return len(blocks) * block * arena.element_size() / (time.perf_counter() - t0)
+    return len(blocks) * block * flat.element_size() / (time.perf_counter() - t0)
 
 
-def bench(dtype: torch.dtype, impl: str, layout: str, arena: torch.Tensor, threads: int, iters: int) -> dict[str, Any]:
-    fmt = make_format(None, D, IG, dtype)
+def unit_format(name: str) -> UnitFormat:
+    """Dense rows in their own dtype; quantized rows of a bf16 model."""
+    dense = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    return make_format(None, D, IG, dense[name]) if name in dense else make_format(name, D, IG, torch.bfloat16)
+
+
+def make_arena(fmt: UnitFormat, rows: int) -> torch.Tensor:
+    """[rows, row_numel] of random units, filled in slices (no fp32 temporary of the whole arena)."""
+    arena = torch.empty(rows, fmt.row_numel, dtype=fmt.row_dtype)
+    for i in range(0, rows, 64):
+        if not fmt.quantized:
+            arena[i:i + 64].normal_(0, 0.02)
+            continue
+        arena[i:i + 64].random_(0, 256)  # any bytes are valid weights; scales (and minimums) must be finite
+        p = fmt.parts(arena[i:i + 64])
+        for t in (p.s13, p.s2):
+            t.uniform_(1e-4, 2e-3)
+        for t in (p.m13, p.m2):
+            if t is not None:
+                t.uniform_(-0.02, -0.01)
+    return arena
+
+
+def bench(name: str, impl: str, layout: str, arena: torch.Tensor, threads: int, iters: int) -> dict[str, Any]:
+    fmt = unit_format(name)
     path = CpuExperts(fmt, threads, impl)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, D, generator=gen).to(dtype)
+    x = torch.randn(1, D, generator=gen).to(fmt.compute_dtype)
     w = torch.rand(UNITS, generator=gen)
     sets = row_sets(arena.shape[0], iters, layout, gen)
-    parts = fmt.parts(arena)
-    ref = grouped_swiglu(x, parts.w13, parts.w2, torch.tensor(sets[0]), torch.zeros(UNITS, dtype=torch.long), w)
+    w13, w2 = (t.float() for t in fmt.dequantize(fmt.parts(arena), torch.tensor(sets[0])))
+    ref = grouped_swiglu(x.float(), w13, w2, torch.arange(UNITS), torch.zeros(UNITS, dtype=torch.long), w)
     err = (path(x, arena, sets[0], w).float() - ref.float()).abs().max().item()
     times = []
     for rows in sets[1:]:
@@ -83,7 +108,7 @@ def bench(dtype: torch.dtype, impl: str, layout: str, arena: torch.Tensor, threa
     times.sort()
     med = times[len(times) // 2]
     nbytes = UNITS * fmt.unit_bytes
-    return {"dtype": str(dtype).removeprefix("torch."), "impl": path.impl, "layout": layout, "threads": threads,
+    return {"dtype": name, "impl": path.impl, "layout": layout, "threads": threads,
             "units": UNITS, "unit_bytes": fmt.unit_bytes, "ms_median": med * 1e3, "ms_min": times[0] * 1e3,
             "gb_s_median": nbytes / med / 1e9, "gb_s_best": nbytes / times[0] / 1e9,
             "max_abs_err_vs_grouped_swiglu": err, "ref_max_abs": ref.abs().max().item()}
@@ -95,33 +120,33 @@ def main() -> None:
     p.add_argument("--threads", type=int, nargs="+", default=None, help="CPU threads, one run each (default: CPUs - 1)")
     p.add_argument("--arena-gb", type=float, default=4.0, help="bytes of rows to rotate over, per dtype")
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"])
+    p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32", "int8", "int4"])
     p.add_argument("--impls", nargs="+", default=["native", "torch", "unit"])
     p.add_argument("--no-calibrate", action="store_true", help="skip recording schedule.cost.calibrate's model")
     args = p.parse_args()
     thread_counts = args.threads or [default_threads()]
     records: list[dict[str, Any]] = []
     for name in args.dtypes:
-        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
-        unit_bytes = make_format(None, D, IG, dtype).unit_bytes
-        rows = max(4 * UNITS, int(args.arena_gb * 1e9 / unit_bytes))
-        arena = torch.empty(rows, 3 * D * IG, dtype=dtype)
-        for i in range(0, rows, 64):  # fill in slices: no fp32 temporary of the whole arena
-            arena[i:i + 64].normal_(0, 0.02)
+        fmt = unit_format(name)
+        arena = make_arena(fmt, max(4 * UNITS, int(args.arena_gb * 1e9 / fmt.unit_bytes)))
         for threads in thread_counts:
+            done: set[tuple[str, str]] = set()
             torch.set_num_threads(threads)
             stream = read_bandwidth(arena, args.iters)
             for impl, layout in itertools.product(args.impls, ("adjacent", "scattered")):
                 if impl == "native" and native.load() is None:
                     continue
-                rec = bench(dtype, impl, layout, arena, threads, args.iters)
+                if (CpuExperts(fmt, threads, impl).impl, layout) in done:
+                    continue  # quantized rows: "torch" and "unit" are both the format's own path
+                rec = bench(name, impl, layout, arena, threads, args.iters)
+                done.add((rec["impl"], layout))
                 rec["torch_read_gb_s"] = stream / 1e9
                 records.append(rec)
                 print(json.dumps(rec), file=sys.stderr, flush=True)
         if not args.no_calibrate:  # the scheduler's cost model of these units on this machine
             device = "cuda" if torch.cuda.is_available() else "cpu"
-            model = calibrate(make_format(None, D, IG, dtype), [arena], device, threads=thread_counts[0])
-            records.append({"dtype": str(dtype).removeprefix("torch."), "cost_model": model.to_json(),
+            model = calibrate(fmt, [arena], device, threads=thread_counts[0])
+            records.append({"dtype": name, "cost_model": model.to_json(),
                             "copy_unit_s": model.copy_unit_s, "cpu_unit_s": model.cpu_unit_s})
             print(json.dumps(records[-1]), file=sys.stderr, flush=True)
         del arena
