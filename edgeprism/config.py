@@ -188,6 +188,7 @@ class EngineConfig:
     prefetch: bool = False  # predict the next layers' experts and copy them in ahead of need (opt-in: see docs)
     lookahead: int = 1  # how many MoE layers ahead the predictor looks (1-3)
     predict_experts: int | None = None  # experts prefetched per target layer (None = top_k)
+    quant_cache: bool = True  # read/write quantized experts from/to disk (cache/quant_store.py)
 
     def __post_init__(self) -> None:
         if self.vram_gb is not None and not self.vram_gb > 0:
