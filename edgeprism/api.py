@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from edgeprism.cache.host_store import HostStore
+from edgeprism.cache.quant_store import QuantCache
 from edgeprism.cache.vram_cache import ExpertCache
 from edgeprism.config import EngineConfig
 from edgeprism.errors import ConfigError, EngineClosedError, GenerationInterrupted, InputError, ModelNotFoundError
@@ -144,7 +145,11 @@ class Engine:
                 progress(done[0], store.total_bytes)
 
         perms = self.refactored.perms(spec.moe_layers) if self.refactored is not None else None
-        store.fill(self._read_expert, perms=perms, progress=step)
+        cache = QuantCache.for_store(store, self.path, self.refactored) if self.config.quant_cache else None
+        if cache is None or not cache.load(store, progress=step):
+            store.fill(self._read_expert, perms=perms, progress=step)
+            if cache is not None:
+                cache.save(store)
         return store
 
     def _unit_gate(self) -> UnitGate:
@@ -556,7 +561,7 @@ def load(model: str | os.PathLike | MemoryCheckpoint | None = None, vram_gb: flo
          gather_limit: int = 256 * 2**20, cuda_graphs: bool = True, prefetch: bool = False, lookahead: int = 1,
          predict_experts: int | None = None, schedule: str = "fetch", cpu_threads: int | None = None,
          cost: CostModel | None = None, recalibrate: bool = False, adaptive_cache: bool = False,
-         progress: Progress | None = None) -> Engine:
+         quant_cache: bool = True, progress: Progress | None = None) -> Engine:
     """Load a Hugging Face MoE checkpoint directory (None = the embedded default model), or an
     in-memory `MemoryCheckpoint`.
 
@@ -564,7 +569,10 @@ def load(model: str | os.PathLike | MemoryCheckpoint | None = None, vram_gb: flo
     `max_context` tokens, workspace and expert cache); None uses what the device has free.
     `expert_dtype` is how routed experts are stored and moved: "bf16", "fp16", "fp32", or weight-only
     "int8" (per output channel) / "int4" (groups of 128 or 64) — 2-4x more units in the cache and
-    2-4x fewer bytes per miss; None = `dtype`. Resident weights always use `dtype`.
+    2-4x fewer bytes per miss; None = `dtype`. Resident weights always use `dtype`. With
+    `quant_cache` (default) the first int8/int4 load writes the quantized experts to a cache file
+    (beside a refactored model, else under $EDGEPRISM_CACHE_DIR/quant) and later loads read it
+    instead of quantizing again (`cache/quant_store.py`); False neither reads nor writes it.
     `model` may also be a refactored-model directory (`edgeprism refactor`): its source checkpoint
     is loaded with the artifact's neuron groups and sub-expert gate; `groups` then defaults to its G.
     With a dynamic cache (the experts do not all fit), `prefetch=True` predicts the experts of the
@@ -595,7 +603,7 @@ def load(model: str | os.PathLike | MemoryCheckpoint | None = None, vram_gb: flo
                           expert_dtype=expert_dtype,
                           gather_limit=gather_limit, cuda_graphs=cuda_graphs, prefetch=prefetch,
                           lookahead=lookahead, predict_experts=predict_experts, schedule=schedule,
-                          cpu_threads=cpu_threads, adaptive_cache=adaptive_cache)
+                          cpu_threads=cpu_threads, adaptive_cache=adaptive_cache, quant_cache=quant_cache)
     dev = resolve_device(device)
     source = model if isinstance(model, MemoryCheckpoint) else Checkpoint(resolve_model(model))
     if refactored is not None:
