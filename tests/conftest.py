@@ -7,6 +7,8 @@ would be, then loaded both by transformers (reference) and by edgeprism.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Cost models, quantized-expert caches and profiles go to a throwaway directory, never to the
+    user's ~/.cache (unless EDGEPRISM_CACHE_DIR is set on purpose)."""
+    os.environ.setdefault("EDGEPRISM_CACHE_DIR", tempfile.mkdtemp(prefix="edgeprism-test-cache-"))
 
 
 @dataclass(frozen=True)
