@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -160,3 +165,17 @@ def test_runs_threads_and_bad_inputs() -> None:
     if path.impl == "native":
         with pytest.raises(InputError):
             path(torch.randn(1, D), s.arenas[0], [E], torch.ones(1))
+
+
+@NATIVE
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 baseline build")
+def test_portable_loops_without_avx2(tmp_path) -> None:
+    """The kernel built for the x86-64 baseline (no AVX2/F16C: the plain C loops other CPUs get)
+    passes the same equality tests, in a fresh process with its own build."""
+    env = {**os.environ, "EDGEPRISM_NATIVE_ARCH": "x86-64", "EDGEPRISM_CACHE_DIR": str(tmp_path)}
+    tests = "native_int4_equals or stored_formats or equals_gpu_path"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest",
+                          __file__, "-k", f"({tests}) and not portable"], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert list((tmp_path / "kernels").glob("swiglu_rows-*.so"))  # it really built its own library

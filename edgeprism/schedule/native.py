@@ -25,7 +25,13 @@ from edgeprism.schedule.cost import default_cache_dir
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("_swiglu_rows.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-ffp-contract=fast")
+FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-ffp-contract=fast")
+
+
+def flags() -> tuple[str, ...]:
+    """Compiler flags: `-march=native` unless `EDGEPRISM_NATIVE_ARCH` names another target (e.g.
+    x86-64, to build the portable loops without AVX2 — how the tests cover that path)."""
+    return (*FLAGS, f"-march={os.environ.get('EDGEPRISM_NATIVE_ARCH') or 'native'}")
 
 
 def _cpu_model() -> str:
@@ -39,7 +45,7 @@ def _cpu_model() -> str:
 
 
 def _library_path() -> Path:
-    key = "\n".join((SOURCE.read_text(), " ".join(FLAGS), platform.node(), _cpu_model()))
+    key = "\n".join((SOURCE.read_text(), " ".join(flags()), platform.node(), _cpu_model()))
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return default_cache_dir().parent / "kernels" / f"swiglu_rows-{digest}.so"
 
@@ -58,7 +64,7 @@ def load() -> ctypes.CDLL | None:
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}.so")
-            subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"], check=True, capture_output=True,
+            subprocess.run([cc, *flags(), str(SOURCE), "-o", str(tmp), "-lm"], check=True, capture_output=True,
                            timeout=120)
             tmp.replace(path)  # atomic: concurrent builders (pytest-xdist) never load half a file
         lib = ctypes.CDLL(str(path))
