@@ -23,7 +23,6 @@ a unit whose copy was issued and has not landed yet is in flight, with its predi
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,6 +40,7 @@ from edgeprism.schedule.scheduler import Action, Residency, RoutedUnit, plain_pl
 
 MODES = ("fetch", "cpu", "hybrid")
 GPU_ACTIONS = (Action.HIT, Action.WAIT, Action.FETCH)
+_NO_PLAN = {Residency.RESIDENT: Action.HIT, Residency.INFLIGHT: Action.WAIT}  # misses: the CPU
 
 
 @dataclass
@@ -96,14 +96,13 @@ class MissScheduler:
         now = time.perf_counter()
         where = [self.fetch.residency(key, now) for key in keys]
         self._idle = self.fetch.copy_free_s(now) == 0.0
-        total = math.fsum(max(float(w), 0.0) for w in weights)
+        total = sum(max(w, 0.0) for w in weights)
         self.stats.mass_routed += total
         missing = [k for k, (res, _) in zip(keys, where) if res is Residency.MISSING]
         inflight = any(res is Residency.INFLIGHT for res, _ in where)
         self._gap_s = 0.0
         if self.mode == "cpu" or not (missing or inflight):
-            acts = [{Residency.RESIDENT: Action.HIT, Residency.INFLIGHT: Action.WAIT}.get(res, Action.CPU)
-                    for res, _ in where]
+            acts = [_NO_PLAN.get(res, Action.CPU) for res, _ in where]
             kept = total
             if self.mode == "hybrid":
                 self.stats.planned_s += self._gpu_s
