@@ -158,6 +158,10 @@ BAD_REQUESTS = [
     ("empty-stop", chat(stop=[""]), 400, "stop"),
     ("n-above-one", chat(n=2), 400, "n"),
     ("prompt-over-context", chat(messages=[{"role": "user", "content": "word " * 400}]), 400, "messages"),
+    ("quality-range", chat(quality=1.5), 400, "quality"),
+    ("latency-range", chat(latency_ms=0), 400, "latency_ms"),
+    ("both-targets", chat(quality=0.9, latency_ms=50), 400, "latency_ms"),
+    ("quality-without-hybrid", chat(quality=0.9), 400, "quality"),
 ]
 
 
@@ -352,3 +356,22 @@ def test_readme_server_command_and_client_snippet_work(tmp_path: Path) -> None:
             proc.kill()
             raise
     assert code == 130 and "Traceback" not in log.read_text(), log.read_text()  # 130: stopped by SIGINT, cleanly
+
+
+def test_quality_and_latency_reach_a_hybrid_engine() -> None:
+    from edgeprism.schedule.cost import CostModel
+
+    probe = edgeprism.load(device="cpu", max_context=256, cache_fraction=0.3)
+    unit_bytes = probe.stats()["unit_bytes"]
+    probe.close()
+    cost = CostModel(unit_bytes=unit_bytes, h2d_latency_s=1e-5, h2d_sizes=(4096,), h2d_bytes_per_s=(1e9,),
+                     cpu_call_s=1e-5, cpu_bytes_per_s=2e9, gpu_call_s=1e-5, gpu_unit_s=1e-6)
+    with edgeprism.load(device="cpu", max_context=256, cache_fraction=0.3, schedule="hybrid", cost=cost) as eng, \
+            BackgroundServer(eng, max_queue=1) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
+        for extra in ({"quality": 0.8}, {"latency_ms": 0.001}):
+            eng.reset_stats()
+            r = http.post("/v1/chat/completions", json=chat(max_tokens=12, **extra))
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"]
+            s = eng.stats()
+            assert s["units_drop"] > 0 and s["mass_kept"] >= 0.5  # the scheduler dropped misses for this request

@@ -230,11 +230,22 @@ class Server:
             stops = check_stops(req.stop)
         except InputError as e:
             raise bad_request(str(e), param="stop") from e
+        self._check_tradeoff(req)
         wanted = self._fit(prompt, messages, max_tokens, default_max)
         options = {"max_new_tokens": wanted, "temperature": 1.0 if req.temperature is None else req.temperature,
-                   "top_p": 1.0 if req.top_p is None else req.top_p, "top_k": 0, "seed": req.seed, "stop": stops}
+                   "top_p": 1.0 if req.top_p is None else req.top_p, "top_k": 0, "seed": req.seed, "stop": stops,
+                   "quality": req.quality, "latency_ms": req.latency_ms}
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return Plan(prompt, messages, options, bool(req.stream), include_usage)
+
+    def _check_tradeoff(self, req: ChatRequest | CompletionRequest) -> None:
+        """`quality` / `latency_ms` (edgeprism's extensions): at most one, and only on a hybrid engine."""
+        asked = [name for name in ("quality", "latency_ms") if getattr(req, name) is not None]
+        if len(asked) > 1:
+            raise bad_request("give at most one of quality and latency_ms.", param="latency_ms")
+        if asked and self.engine.config.schedule != "hybrid":
+            raise bad_request(f"{asked[0]} trades quality for speed through the hybrid scheduler; this server's "
+                              "engine was loaded without it (start it with --schedule hybrid).", param=asked[0])
 
     def _fit(self, prompt: str | None, messages: list[dict[str, str]] | None, max_tokens: int | None,
              default_max: int | None) -> int:
