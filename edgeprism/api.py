@@ -112,7 +112,8 @@ class Engine:
         copies = CudaCopies(device) if device.type == "cuda" else InlineCopies()
         self.fetch = Prefetcher(self.cache, copies)
         self.experts = OffloadedExperts(self.cache, self.fetch, config.gather_limit)
-        self.sched = self._miss_scheduler(cost, recalibrate)
+        self.cost = self._cost_model(cost, recalibrate)
+        self.sched = self._miss_scheduler()
         self.adaptive = self._adaptive_cache()
         self.model = self._build_decoder()
         self.gate = self._unit_gate()
@@ -166,15 +167,16 @@ class Engine:
                 block.ffn.unit_gate = gate
         return gate
 
-    def _miss_scheduler(self, cost: CostModel | None, recalibrate: bool) -> MissScheduler | None:
-        """The decode-time scheduler of misses (`schedule` = "cpu" or "hybrid"), with this machine's
-        cost model (measured at first use and cached on disk, or `cost` as given). None when every
-        miss is fetched, or when nothing can miss (all experts resident) or decode goes unit by unit."""
+    def _cost_model(self, cost: CostModel | None, recalibrate: bool) -> CostModel | None:
+        """This machine's prices (measured at first use and cached on disk, or `cost` as given), for
+        the miss scheduler (`schedule` = "cpu" or "hybrid") and for sizing prefetches on a GPU. None
+        when nothing uses them: every miss fetched without prefetch, nothing can miss (all experts
+        resident), or decode goes unit by unit."""
         cfg = self.config
-        if cfg.schedule == "fetch":
+        if cfg.schedule == "fetch" and not (cfg.prefetch and self.device.type == "cuda"):
             return None
         if self.experts.slot_map is not None or not self.experts.can_gather(self.spec.top_k):
-            log.info("schedule=%r has nothing to do: %s", cfg.schedule, "every expert is resident"
+            log.info("schedule=%r / prefetch have nothing to do: %s", cfg.schedule, "every expert is resident"
                      if self.experts.slot_map is not None else "decode runs unit by unit (units exceed gather_limit)")
             return None
         if cost is None:
@@ -184,8 +186,15 @@ class Engine:
                               f"{self.format.unit_bytes}; pass cost=None to measure it on this machine.")
         if self.device.type == "cuda":
             self.fetch.copy_cost = cost  # predicts when in-flight copies land
-        sched = MissScheduler(cfg.schedule, cost, CpuExperts(self.format, cfg.cpu_threads), self.store, self.fetch)
-        sched.set_units(self.spec.top_k * cfg.groups)  # a decode segment computes k·G unit slots
+        return cost
+
+    def _miss_scheduler(self) -> MissScheduler | None:
+        """The decode-time scheduler of misses (`schedule` = "cpu" or "hybrid"); None = fetch them all."""
+        if self.config.schedule == "fetch" or self.cost is None:
+            return None
+        sched = MissScheduler(self.config.schedule, self.cost, CpuExperts(self.format, self.config.cpu_threads),
+                              self.store, self.fetch)
+        sched.set_units(self.spec.top_k * self.config.groups)  # a decode segment computes k·G unit slots
         return sched
 
     def _adaptive_cache(self) -> AdaptiveCacheConfig | None:
@@ -193,7 +202,7 @@ class Engine:
         routed units costs ~5 µs each on the host). Nothing to adapt when every expert is resident."""
         if not self.config.adaptive_cache or self.experts.slot_map is not None:
             return None
-        miss_cost = self.sched.cost.copy_unit_s if self.sched is not None else 1.0
+        miss_cost = self.cost.copy_unit_s if self.cost is not None else 1.0
         return AdaptiveCacheConfig(self.cache.table, self.spec.moe_layers, miss_cost=miss_cost,
                                    min_slots=self.spec.top_k * self.config.groups)
 
@@ -205,7 +214,11 @@ class Engine:
             return DecodeStep(self.model, self.device, cfg.cuda_graphs and self.experts.slot_map is not None)
         return LayerwiseDecode(self.model, self.experts, self.fetch, self.device, cfg.cuda_graphs,
                                lookahead=cfg.lookahead if cfg.prefetch else 0, predict_experts=cfg.predict_experts,
-                               sched=self.sched)
+                               sched=self.sched, copy_unit_s=self._copy_unit_s())
+
+    def _copy_unit_s(self) -> float | None:
+        """One unit's copy time, which sizes prefetches: only where copies overlap compute (a GPU)."""
+        return self.cost.copy_unit_s if self.cost is not None and self.device.type == "cuda" else None
 
     def _read_expert(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ckpt, spec, ad = self.checkpoint, self.spec, adapter_for(self.spec)

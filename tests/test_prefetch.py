@@ -206,3 +206,32 @@ def test_prefetch_off_and_bad_lookahead(checkpoints):
     for bad in (0, 4, 1.5, True):
         with pytest.raises(ConfigError, match="lookahead"):
             load_cpu(checkpoints["olmoe"], lookahead=bad)
+
+
+def test_copy_budget_and_sizing():
+    from edgeprism.prefetch.predictor import copy_budget, size_prediction
+
+    assert copy_budget(1, None, 0.0, 1e-3) is None and copy_budget(1, 1e-3, 0.0, None) is None  # unknown: no cut
+    assert copy_budget(1, 1e-3, 0.0, 2.5e-4) == 4  # one layer of compute hides 4 copies
+    assert copy_budget(2, 1e-3, 0.0, 2.5e-4) == 8  # two layers ahead: twice the time
+    assert copy_budget(1, 1e-3, 5e-4, 2.5e-4) == 2  # copies already queued come first
+    assert copy_budget(1, 1e-3, 5e-3, 2.5e-4) == 0
+    cost = {7: 0, 3: 2, 9: 1, 4: 2}.__getitem__  # missing units per expert (7 is resident)
+    assert size_prediction([7, 3, 9, 4], cost, cap=4, budget=None) == [7, 3, 9, 4]
+    assert size_prediction([7, 3, 9, 4], cost, cap=2, budget=None) == [7, 3]
+    assert size_prediction([7, 3, 9, 4], cost, cap=4, budget=3) == [7, 3, 9]
+    assert size_prediction([7, 3, 9, 4], cost, cap=4, budget=1) == [7]  # 3 does not fit: nothing ranked below it
+    assert size_prediction([7, 3, 9, 4], cost, cap=4, budget=0) == [7]  # resident ones cost nothing
+
+
+def test_prefetch_sized_to_nothing_copies_nothing_and_still_scores(checkpoints, reference):
+    """A copy far slower than a layer: prefetch copies nothing, the prediction is still scored, and
+    the outputs do not change."""
+    eng = load_cpu(checkpoints["olmoe"], cache_fraction=0.25)
+    eng.decode_step.copy_unit_s = 1e6  # seconds: no layer hides such a copy
+    eng.generate_ids(IDS, max_new_tokens=2)  # the first token's first layers have no layer time yet
+    eng.reset_stats()
+    assert eng.generate_ids(IDS, max_new_tokens=24) == reference["olmoe"][1]
+    s = eng.stats()
+    assert s["prefetch_units"] == 0 and s["prefetch_recall"] is not None
+    assert eng.decode_step.layer_s is not None and eng.decode_step.layer_s > 0

@@ -5,11 +5,13 @@ layer l+d's own router, applied to the state after layer l's attention (normed b
 norm, as its router expects), ranks l+d's experts well (measured on the default model: 81–91%
 recall of the routed experts one layer ahead; `bench/routing_facts.py`). The device half
 (`candidates`) is pure tensor math and runs inside the decode step's CUDA graphs; the host half
-(`choose`) blends in the layer's recent activation history and sizes the set by what a copy can
-hide behind one layer of compute.
+(`choose`) blends in the layer's recent activation history; `size_prediction` then cuts the
+ranked set to what the copy engine can hide behind the compute before the target layer runs.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -56,3 +58,27 @@ class NextLayerPredictor:
             score = {e: p + self.history_weight * float(hist[e]) for p, e in zip(probs, ids)}
             ids = sorted(ids, key=lambda e: -score[e])
         return ids[:count]
+
+
+def copy_budget(distance: int, layer_s: float | None, queued_s: float, copy_unit_s: float | None) -> int | None:
+    """Units a prefetch for the MoE layer `distance` layers ahead can copy unseen: the compute time
+    until that layer (distance × the measured time of a layer) minus the copies already queued,
+    divided by one unit's copy time. None when a price or the layer time is unknown (no limit)."""
+    if layer_s is None or copy_unit_s is None or copy_unit_s <= 0:
+        return None
+    return max(0, int((distance * layer_s - queued_s) / copy_unit_s))
+
+
+def size_prediction(ranked: list[int], missing_units: Callable[[int], int], cap: int,
+                    budget: int | None) -> list[int]:
+    """The best-ranked experts to prefetch: at most `cap`, and while their missing units (resident
+    ones cost no copy) fit `budget` copies; stops at the first expert that does not fit, so a copy
+    is never spent on a lower-ranked expert ahead of a better one."""
+    chosen, copies = [], 0
+    for e in ranked[:cap]:
+        need = missing_units(e)
+        if budget is not None and copies + need > budget:
+            break
+        chosen.append(e)
+        copies += need
+    return chosen

@@ -246,12 +246,14 @@ class Prefetcher:
 
     # ----- ahead of need -----
 
-    def prefetch(self, layer: int, keys: Iterable[SubExpertKey], step: int, current_layer: int) -> int:
+    def prefetch(self, layer: int, keys: Iterable[SubExpertKey], step: int, current_layer: int,
+                 predicted: Iterable[SubExpertKey] | None = None) -> int:
         """Start copying `keys` (all of target `layer`) into free or evictable slots; returns the
         number of copies started. Resident keys cost nothing; if every slot is pinned, the rest
-        are skipped (a prefetch is a hint)."""
+        are skipped (a prefetch is a hint). `predicted` (default `keys`) is the prediction scored by
+        the recall/precision stats, when the copies were cut to fewer units than were predicted."""
         keys = list(dict.fromkeys(keys))
-        self._predicted.setdefault(layer, set()).update(keys)
+        self._predicted.setdefault(layer, set()).update(keys if predicted is None else predicted)
         worth = self._worth_copying(layer)
         if worth is False:
             return 0

@@ -16,13 +16,15 @@ segment parity, so running a segment twice (its eager warm-up, then the graph) g
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from edgeprism.cache.keys import SubExpertKey
 from edgeprism.models.decoder import Decoder
 from edgeprism.moe.layer import MoEBlock
 from edgeprism.moe.offload import OffloadedExperts
-from edgeprism.prefetch.predictor import NextLayerPredictor
+from edgeprism.prefetch.predictor import NextLayerPredictor, copy_budget, size_prediction
 from edgeprism.prefetch.prefetcher import Prefetcher
 from edgeprism.runtime.graphs import BUCKET
 from edgeprism.schedule.misses import GPU_ACTIONS, MissScheduler
@@ -34,8 +36,11 @@ class LayerwiseDecode:
 
     def __init__(self, model: Decoder, experts: OffloadedExperts, fetch: Prefetcher, device: torch.device,
                  use_graphs: bool, lookahead: int = 0, predict_experts: int | None = None,
-                 sched: MissScheduler | None = None) -> None:
+                 sched: MissScheduler | None = None, copy_unit_s: float | None = None) -> None:
         self.model, self.experts, self.fetch, self.device = model, experts, fetch, device
+        # prefetch sizing: one unit's copy time and an EMA of a layer's time (host clock between two
+        # layers' routing reads, which the host waits for), so a prefetch copies only what it can hide
+        self.copy_unit_s, self.layer_s, self._served_at = copy_unit_s, None, None
         self.sched = sched  # None: every miss is fetched (no planner, no CPU path in the graphs)
         self.use_graphs = use_graphs and device.type == "cuda"
         self.moe_layers = [i for i, b in enumerate(model.layers) if isinstance(b.ffn, MoEBlock)]
@@ -133,6 +138,7 @@ class LayerwiseDecode:
                 self.predicted.record()
         if self.routed is not None:
             self.routed.synchronize()
+        self._time_layer(j)
         layer, step, G = self.moe_layers[j], self.experts.step, self.G
         experts = self.host_route.tolist()
         keys = [SubExpertKey(layer, e, g) for e in experts for g in range(G)]
@@ -194,18 +200,34 @@ class LayerwiseDecode:
         self.slots.copy_(self.host_slots, non_blocking=True)
         self.unit_scale.copy_(self.host_scale, non_blocking=True)
 
+    def _time_layer(self, j: int) -> None:
+        """Update the layer-time EMA from the interval since the previous layer's routing landed."""
+        now = time.perf_counter()
+        if j > 0 and self._served_at is not None:
+            dt = now - self._served_at
+            self.layer_s = dt if self.layer_s is None else 0.9 * self.layer_s + 0.1 * dt
+        self._served_at = now
+
     def _prefetch(self, j: int, experts: list[int], step: int, layer: int) -> None:
         self.predictor.observe(j, experts)
         if self.predicted is not None:
             self.predicted.synchronize()
         cand, probs = self.host_cand.tolist(), self.host_p.tolist()
+        table = self.fetch.table
         for d in range(1, self.lookahead + 1):
             if j + d >= self.M:
                 break
-            chosen = self.predictor.choose(j + d, probs[d - 1], cand[d - 1], self.predict_experts)
             target = self.moe_layers[j + d]
+            ranked = self.predictor.choose(j + d, probs[d - 1], cand[d - 1], len(cand[d - 1]))
+            budget = copy_budget(d, self.layer_s, self.fetch.copy_free_s(time.perf_counter()), self.copy_unit_s)
+
+            def missing(e: int, target: int = target) -> int:
+                return sum(table.lookup(SubExpertKey(target, e, g)) is None for g in range(self.G))
+
+            chosen = size_prediction(ranked, missing, self.predict_experts, budget)
             keys = [SubExpertKey(target, e, g) for e in chosen for g in range(self.G)]
-            self.fetch.prefetch(target, keys, step, layer)
+            predicted = [SubExpertKey(target, e, g) for e in ranked[:self.predict_experts] for g in range(self.G)]
+            self.fetch.prefetch(target, keys, step, layer, predicted=predicted)
 
     # ----- segments -----
 
