@@ -4,11 +4,12 @@
 #   OUT=/tmp/out bash bench/pending_gpu.sh sched     # issue 8: fetch / cpu / hybrid / hybrid-q0.95 / latency, 4 and 8 GB
 #   OUT=/tmp/out bash bench/pending_gpu.sh batched   # issue 8: batched decode, batch 1-8, and under a latency target
 #   OUT=/tmp/out bash bench/pending_gpu.sh int4      # issue 9: bf16 / int8 / int4 decode at 4 and 8 GB (48-layer share)
+#   OUT=/tmp/out bash bench/pending_gpu.sh prefetch  # issue 5: prefetch on vs off (copy-budget sizing), 8 GB
 #   OUT=/tmp/out bash bench/pending_gpu.sh tests     # every CUDA test
 set -euo pipefail
 OUT=${OUT:?set OUT to a results folder}
 G="--geometry qwen3-30b-a3b --layers 12 --tokens 32 --warmup 8"
-case "${1:?sched|batched|int4|tests}" in
+case "${1:?sched|batched|int4|prefetch|tests}" in
   sched)
     for r in model uniform; do
       python3 bench/decode.py $G --budgets 4 8 --routing $r --out "$OUT/sched-$r" \
@@ -21,6 +22,11 @@ case "${1:?sched|batched|int4|tests}" in
     python3 bench/batched.py --geometry qwen3-30b-a3b --layers 12 --budget 8 --latency-ms 150 --out "$OUT/batched-latency" ;;
   int4)
     python3 bench/quant_kernels.py decode --layers 12 --budgets 4 8 --out "$OUT/quant" ;;
+  prefetch)
+    for r in model uniform; do
+      python3 bench/decode.py $G --budgets 8 --routing $r --out "$OUT/prefetch-$r" --systems edgeprism,edgeprism-noprefetch
+    done
+    python3 bench/prefetch.py timeline --out "$OUT/timeline.json" ;;
   tests)
     python3 -m pytest -q tests/gpu ;;
 esac
