@@ -503,14 +503,18 @@ class Engine:
         table, spec = self.cache.table, self.spec
         routed = self._counts["forward_tokens"] * len(spec.moe_layers) * spec.top_k * self.config.groups
         dropped = int(self.gate.units_dropped)  # skipped by keep < 1: never copied nor computed
-        hits = table.hits
+        hits, misses = table.hits, table.misses
         if self.experts.slot_map is not None:  # static cache: every computed unit is a hit (no counting on the hot path)
             hits += routed - dropped
+        if self.sched is not None:  # units the scheduler kept off the cache were misses too (never resident)
+            acts = self.sched.stats.actions
+            dropped += acts["drop"]
+            misses += acts["cpu"] + acts["drop"]
         return {
             "units_computed": routed - dropped, "units_dropped": dropped,
             "expert_bytes_computed": (routed - dropped) * self.plan.unit_bytes,
-            "hits": hits, "misses": table.misses, "evictions": table.evictions,
-            "hit_rate": hits / max(1, hits + table.misses),
+            "hits": hits, "misses": misses, "evictions": table.evictions,
+            "hit_rate": hits / max(1, hits + misses),
             "bytes_h2d": self.cache.bytes_h2d, "copies": self.cache.copies,
             "tokens": self._counts["tokens"], "prompt_tokens": self._counts["prompt_tokens"],
             "cache_slots": self.cache.num_slots, "cache_bytes": self.plan.cache,

@@ -63,6 +63,7 @@ def test_modes_match_the_fetch_path(checkpoints, fetched, name, mode):
     s = eng.stats()
     assert s["schedule"] == mode and s["units_drop"] == 0 and s["mass_kept"] == pytest.approx(1.0)
     assert s["units_cpu"] > 0 and s["cpu_calls"] > 0 and s["cpu_bytes"] == s["units_cpu"] * unit_bytes
+    assert s["misses"] >= s["units_cpu"] and s["hit_rate"] < 1  # CPU units count as misses
     if mode == "cpu":
         assert s["units_fetch"] == 0  # misses never cross to the device on demand
     else:
@@ -86,7 +87,8 @@ def test_quality_floor_drops_misses_and_keeps_the_mass(checkpoints, fetched):
     eng.sched.keep = 0.8
     logits = decode_logits(eng)
     s = eng.stats()
-    assert s["units_drop"] > 0
+    assert s["units_drop"] > 0 and s["units_dropped"] == s["units_drop"]  # counted as dropped (keep = 1)
+    assert s["units_computed"] + s["units_dropped"] == s["units_computed"] + s["units_drop"]
     assert s["mass_kept"] >= 0.8 - 1e-9
     assert torch.isfinite(logits).all()
     eng.close()
