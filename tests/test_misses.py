@@ -88,7 +88,6 @@ def test_quality_floor_drops_misses_and_keeps_the_mass(checkpoints, fetched):
     logits = decode_logits(eng)
     s = eng.stats()
     assert s["units_drop"] > 0 and s["units_dropped"] == s["units_drop"]  # counted as dropped (keep = 1)
-    assert s["units_computed"] + s["units_dropped"] == s["units_computed"] + s["units_drop"]
     assert s["mass_kept"] >= 0.8 - 1e-9
     assert torch.isfinite(logits).all()
     eng.close()
