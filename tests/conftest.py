@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,27 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """For modules that decode the tiny default model a lot (`pytestmark = pytest.mark.usefixtures(...)`):
+    one intra-op thread is as fast as two, and it does not collapse when the machine is busy
+    (oversubscribed OpenMP threads made decoding ~30x slower on a shared CI box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[Any]:
+    """The embedded default model on the CPU, 256 tokens of context (modules with their own `engine`
+    fixture override this one)."""
+    import edgeprism
+
+    with edgeprism.load(device="cpu", max_context=256) as eng:
+        yield eng
 
 
 def pytest_configure(config: pytest.Config) -> None:

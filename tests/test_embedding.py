@@ -6,10 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 
 import pytest
-import torch
 
 import edgeprism
 from edgeprism import errors
@@ -18,20 +16,7 @@ from edgeprism.streaming import Completion, TextStream
 QUESTION = [{"role": "user", "content": "What is a file descriptor?"}]  # greedy: no end-of-text for 200+ tokens
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """The model is tiny, so one intra-op thread is as fast as two, and it does not collapse when
-    the machine is busy (oversubscribed OpenMP threads made decoding ~30x slower on a shared CI box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[edgeprism.Engine]:
-    with edgeprism.load(device="cpu", max_context=256) as eng:
-        yield eng
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py; `engine` too
 
 
 def test_stream_reports_finish_reason_and_usage(engine: edgeprism.Engine) -> None:

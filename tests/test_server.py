@@ -21,7 +21,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import torch
 
 import edgeprism
 from edgeprism.server import DEFAULT_MODEL_ID, BackgroundServer
@@ -31,20 +30,7 @@ QUESTION = [{"role": "user", "content": "What is a file descriptor?"}]  # greedy
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """The model is tiny, so one intra-op thread is as fast as two, and it does not collapse when
-    the machine is busy (oversubscribed OpenMP threads made decoding ~30x slower on a shared CI box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[edgeprism.Engine]:
-    with edgeprism.load(device="cpu", max_context=256) as eng:
-        yield eng
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py; `engine` too
 
 
 @pytest.fixture(scope="module")
