@@ -322,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.geometry, args.layers, args.budgets = "tiny", None, [0.075, 0.08]
         args.tokens, args.warmup, args.prompt_len, args.context = 8, 2, 48, 128
-        args.systems = "edgeprism,lru-expert,resident,pcie-bound"
+        if args.systems == p.get_default("systems"):
+            args.systems = "edgeprism,lru-expert,resident,pcie-bound"
     device = torch.device(args.device)
     date = datetime.date.today().isoformat()
     dev = device_name(device)
