@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from edgeprism.errors import EdgeprismError
+from edgeprism.errors import EdgeprismError, InputError
 
 
 def _count(text: str) -> int:
@@ -72,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
 
     prof = sub.add_parser("profile", help="measure quality vs latency at each quality floor (schedule hybrid) and "
                           "save the table beside the model, for generate --quality")
+    prof.add_argument("checkpoint", nargs="?", default=None, help="checkpoint directory (same as --model)")
     _add_load_args(prof)
     prof.add_argument("--tokens", type=int, default=256, help="held-out tokens decoded per operating point")
     prof.add_argument("--keeps", type=float, nargs="+", default=None,
@@ -142,6 +143,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from edgeprism.schedule.profile import profile_engine
     from edgeprism.schedule.qos import DEFAULT_KEEPS, OperatingPoints
 
+    if args.checkpoint is not None:
+        if args.model is not None and args.model != args.checkpoint:
+            raise InputError(f"two models given: {args.checkpoint!r} and --model {args.model!r}; give one.")
+        args.model = args.checkpoint
     bar, update = _progress_bar()
     engine = _load(args, update, schedule="hybrid", max_context=min(args.max_context, args.tokens + 1))
     bar.close()

@@ -112,3 +112,7 @@ def test_profile_cli_writes_a_table(tmp_path, monkeypatch, capsys):
     assert "wrote" in capsys.readouterr().out
     assert json.loads(out.read_text())["points"]
     assert main(["profile", "--device", "cpu", "--tokens", "24", "--out", str(out)]) == 2  # everything resident
+    default = str(edgeprism.api.DEFAULT_MODEL)
+    assert main(["profile", default, "--model", str(tmp_path), "--device", "cpu"]) == 2  # two models given
+    assert main(["profile", default, "--device", "cpu", "--vram-gb", "0.14", "--tokens", "16", "--keeps", "1",
+                 "--out", str(out)]) == 0  # the checkpoint as a positional argument, as `info` takes it
