@@ -594,7 +594,9 @@ def load(model: str | os.PathLike | MemoryCheckpoint | None = None, vram_gb: flo
     is loaded with the artifact's neuron groups and sub-expert gate; `groups` then defaults to its G.
     With a dynamic cache (the experts do not all fit), `prefetch=True` predicts the experts of the
     next `lookahead` MoE layers from the current hidden state and copies `predict_experts` of them
-    per layer (default: top_k) on a separate CUDA stream while the current layer computes. It is off
+    per layer (default: top_k; on a GPU no more than the copy engine can hide behind the layers before
+    the target, from the machine's cost model — measured at the first load, cached) on a separate CUDA
+    stream while the current layer computes. It is off
     by default: on every setup measured so far (bench/README.md) it moved tokens/s between −15% and +3%, because
     decode there was bound by per-layer overhead or by misses no predictor can foresee.
     `schedule` says what a decode step does with a unit that is not in the cache: "fetch" copies it
