@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import VARIANTS
 
 import edgeprism
-from conftest import VARIANTS
 from edgeprism.errors import ConfigError
 from edgeprism.schedule.cost import CostModel
 
@@ -124,11 +124,22 @@ def test_adaptive_cache_shares_change_residency_not_outputs(checkpoints, fetched
 
 
 def test_hot_path_decides_as_the_planner():
-    """`plain_plan` (no `Plan` built) gives `plan`'s actions and latency on random layers."""
+    """`plain_plan` (no `Plan` built, and what `plan` itself uses here) picks what the general candidate
+    search (`fetch_cases` + `nofetch_cases` + `_choose`) picks, with its timing, on random layers;
+    and `plan`'s actions follow from it."""
     import random
 
     from edgeprism.cache.keys import SubExpertKey
-    from edgeprism.schedule.scheduler import Action, Residency, RoutedUnit, plain_plan, plan
+    from edgeprism.schedule.scheduler import (
+        Action,
+        Residency,
+        RoutedUnit,
+        _choose,
+        _drop_order,
+        _Layer,
+        plain_plan,
+        plan,
+    )
 
     rng = random.Random(0)
     for _ in range(400):
@@ -146,6 +157,13 @@ def test_hot_path_decides_as_the_planner():
         want = plan(units, cost, copy_free_s=free)
         fetched, copy_s, cpu_s, latency = plain_plan(len(missing), free, cost.copy_unit_s, cost.cpu_call_s,
                                                      cost.cpu_unit_s, cost.gpu_seconds(n))
+        total = sum(u.score for u in units)
+        ctx = _Layer(cost.copy_unit_s, cost.cpu_call_s, cost.cpu_unit_s, free, total, False, n, total, True,
+                     cost.gpu_seconds(n), None)
+        pool = sorted((u for u in units if u.residency is Residency.MISSING), key=_drop_order)
+        general, _ = _choose([*ctx.fetch_cases(pool, []), *ctx.nofetch_cases(pool, [])], None)
+        assert fetched == general.fetched and general.drops == 0
+        assert (latency, copy_s, cpu_s) == pytest.approx((general.latency, general.copy_s, general.cpu_s))
         got = {k: Action.FETCH if fetched > 0 and i < fetched else Action.CPU for i, k in enumerate(missing)}
         assert {k: a for k, a in want.actions if a is not Action.HIT} == got
         assert latency == pytest.approx(want.latency_s) and cpu_s == pytest.approx(want.cpu_s)

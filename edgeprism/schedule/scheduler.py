@@ -163,11 +163,13 @@ def plan(units: Sequence[RoutedUnit], cost: CostModel, keep: float = 1.0, budget
     inflight.sort(key=lambda u: (-u.ready_s, u.score, u.key))  # latest first: they leave the queue first
     ctx = _Layer(cost.copy_unit_s, cost.cpu_call_s, cost.cpu_unit_s, copy_free, keep * total, keep < 1.0,
                  len(units), total, allow_cpu, cost.gpu_seconds(len(units)), budget_s)
-    if not inflight and keep >= 1.0 and budget_s is None:  # the common decode case: no drops, no waits
-        cands = ctx.plain_cases(len(missing))
+    if not inflight and keep >= 1.0 and budget_s is None and allow_cpu:  # the common decode case
+        fetched, copy_s, cpu_s, latency = plain_plan(len(missing), copy_free, ctx.copy_unit, ctx.cpu_call,
+                                                     ctx.cpu_unit, ctx.gpu_s)
+        best, within = _Candidate(latency, total, copy_s, cpu_s, fetched, 0, 0), True
     else:
         cands = list(ctx.fetch_cases(missing, inflight)) + list(ctx.nofetch_cases(missing, inflight))
-    best, within = _choose(cands, budget_s)
+        best, within = _choose(cands, budget_s)
     return _build(units, missing, inflight, best, ctx.gpu_s, total, within)
 
 
@@ -268,18 +270,6 @@ class _Layer:
             yield _Candidate(max(copy_s, cpu_s) + self.gpu_s, self.total - prefix[d], copy_s, cpu_s,
                              len(missing) - d - n_cpu, 0, d)
 
-    def plain_cases(self, m: int) -> list[_Candidate]:
-        """`fetch_cases` + `nofetch_cases` when nothing is in flight and nothing may drop: one split
-        with at least one fetch, and (if the CPU may) everything on the CPU — the same candidates,
-        in the same order, without the drop-count search."""
-        n_cpu, copy_s, cpu_s = self.split(m, 0.0)
-        cands = [_Candidate(max(copy_s, cpu_s) + self.gpu_s, self.total, copy_s, cpu_s, m - n_cpu, 0, 0)]
-        cpu_all = self.cpu(m)
-        if cpu_all < math.inf:
-            cands.append(_Candidate(cpu_all + self.gpu_s, self.total, 0.0, cpu_all, -1, 0, 0))
-        return cands
-
-
     def split(self, m: int, waited: float) -> tuple[int, float, float]:
         """Best count n of m misses (≥ 1 fetched) on the CPU: (n, copy finish, CPU finish)."""
         return split_misses(m, waited, self.copy_free, self.copy_unit, self.cpu_call, self.cpu_unit, self.allow_cpu)
@@ -323,7 +313,9 @@ def split_misses(m: int, waited: float, F: float, c: float, a: float, b: float,
 def plain_plan(m: int, F: float, c: float, a: float, b: float, gpu_s: float) -> tuple[int, float, float, float]:
     """`plan` for m misses, nothing in flight, keep = 1, no budget, the CPU allowed, without building
     a `Plan`: (misses fetched — the first ones in key order — or -1 for all on the CPU, copy finish,
-    CPU finish, latency). The same candidates and choice as `plan` (the decode hot path calls this)."""
+    CPU finish, latency). The candidates `fetch_cases` + `nofetch_cases` give in that case (one split
+    with at least one fetch; everything on the CPU) and `_choose`'s pick between them, without the
+    drop-count search; `plan` and the decode hot path (`MissScheduler`) both call it."""
     n_cpu, copy_s, cpu_s = split_misses(m, 0.0, F, c, a, b)
     fetch_latency, cpu_latency = max(copy_s, cpu_s) + gpu_s, a + m * b + gpu_s
     if cpu_latency < fetch_latency:  # `_choose`: equal mass, so the lower latency; ties to the fetch case
