@@ -216,16 +216,11 @@ class Prefetcher:
         """Seconds until the copies issued so far are predicted to have landed."""
         return max(0.0, self._busy_until - now)
 
-    def settle(self, layer: int, keys: Sequence[SubExpertKey]) -> None:
-        """Score `layer`'s prediction against all its routed `keys`, before a scheduler sends some of
-        them elsewhere than `acquire` (the CPU, or nowhere)."""
-        self._settle(layer, keys)
-
     # ----- demand path -----
 
     def acquire(self, keys: Sequence[SubExpertKey], step: int, layer: int) -> list[int]:
         """Pin `keys` in slots (copying the missing ones) and make compute wait for their copies."""
-        self._settle(layer, keys)
+        self.settle(layer, keys)
         slots, fills = self.table.acquire(keys, step, layer, self.num_layers)
         self._issue(fills)
         self.engine.wait(self._take_tickets(slots))
@@ -293,8 +288,10 @@ class Prefetcher:
         self.stats.predictions_skipped += 1
         return False
 
-    def _settle(self, layer: int, keys: Sequence[SubExpertKey]) -> None:
+    def settle(self, layer: int, keys: Sequence[SubExpertKey]) -> None:
         """Score the prediction made for `layer` against what it routes, and drop stale prefetches.
+        `acquire` calls it; a scheduler calls it first with every routed unit (some go to the CPU or
+        nowhere), and the second call is a no-op.
 
         A prefetched unit its layer did not use is stale: it is discarded from the cache (its slot
         freed), so it cannot push out a unit that was actually used.
