@@ -32,8 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import edgeprism  # noqa: E402
 from bench.baselines import LruExpertOffload, accelerate_model, install  # noqa: E402
 from edgeprism.models.checkpoint import Checkpoint, MemoryCheckpoint  # noqa: E402
+from edgeprism.schedule.qos import OperatingPoints  # noqa: E402
 
 GiB = 2**30
+ROOT = Path(__file__).resolve().parent.parent
 
 GEOMETRIES: dict[str, dict[str, Any]] = {
     "qwen3-30b-a3b": dict(architectures=["Qwen3MoeForCausalLM"], vocab_size=151936, hidden_size=2048,
@@ -155,6 +157,13 @@ def run_edgeprism(source: Any, budget: float | None, args: argparse.Namespace, s
         base = torch.cuda.memory_allocated(device)
     t0 = time.perf_counter()
     engine = load_engine(source, budget, args, policy=args.policy, **kw)
+    table = None
+    if (gen or {}).get("quality") is not None and getattr(args, "profile", None):
+        # The synthetic checkpoint has no directory, hence no table of its own (and a random model's
+        # perplexity means nothing): quality= maps to a floor through a table measured on the trained
+        # default model (`edgeprism profile`), as a user would measure on theirs.
+        table = OperatingPoints.load(args.profile)
+        engine.operating_points = lambda: table
     load_s = time.perf_counter() - t0
     engine.cache.time_copies = True
     copies = engine.fetch.engine
@@ -174,6 +183,7 @@ def run_edgeprism(source: Any, budget: float | None, args: argparse.Namespace, s
                prefetch_bytes_used_per_token=s["prefetch_bytes_used"] / rec["tokens"],
                prefetch_bytes_wasted_per_token=s["prefetch_bytes_wasted"] / rec["tokens"],
                schedule=s["schedule"], **(gen or {}),
+               **({"keep_floor": table.keep_for_quality(gen["quality"]), "profile": str(args.profile)} if table else {}),
                **{k: s[k] for k in SCHED_KEYS if k in s})
     if device.type == "cuda":
         rec["peak_vram_gb"] = (torch.cuda.max_memory_allocated(device) - base) / GiB
@@ -315,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="also compare edgeprism resident with transformers' generate on this geometry (GPU)")
     p.add_argument("--quick", action="store_true", help="tiny CPU smoke run")
     p.add_argument("--cpu-threads", type=int, default=None, help="threads of the CPU expert path (default CPUs − 1)")
+    p.add_argument("--profile", default=str(ROOT / "bench/results/2026-11-23-cpu-profile/edgeprism-profile-0.14gb.json"),
+                   help="operating-points table that maps quality= to a floor for the synthetic model "
+                        "(default: the one measured on the default model); '' for none (the target as the floor)")
     p.add_argument("--latency-ms", type=float, nargs="+", default=[10.0],
                    help="edgeprism-latency: per-token target, one per budget (or one for all)")
     p.add_argument("--out", default=None, help="folder for results.json (default bench/results/<date>-<device>)")

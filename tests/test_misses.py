@@ -198,3 +198,37 @@ def test_a_failing_cpu_path_leaves_no_unit_pinned(checkpoints, fetched):
         eng.generate_ids(PROMPT, max_new_tokens=4)
     assert not eng.cache.table._pins  # every pin of the failed step was released
     eng.cache.table.check_invariants()
+
+
+def test_measured_cpu_rate_reprices_the_plan():
+    """Hybrid: CPU calls slower than calibrated (host memory shared with the copy engine) lower the
+    planner's CPU rate, within bounds, so fewer misses go to the CPU; the other modes never reprice."""
+    from types import SimpleNamespace
+
+    from edgeprism.schedule import misses
+    from edgeprism.schedule.scheduler import plain_plan
+
+    unit = 1 << 20
+    cost = synthetic_cost(unit, cpu_gbps=4.0, pcie_gbps=2.0)
+
+    def sched(mode):
+        return misses.MissScheduler(mode, cost, cpu=None, store=SimpleNamespace(unit_bytes=unit), fetch=None)
+
+    def fetched(s):
+        c, a, b = s._prices
+        return plain_plan(8, 0.0, c, a, b, 0.0)[0]
+
+    hy = sched("hybrid")
+    before = fetched(hy)
+    for _ in range(100):  # measured 1 GB/s: a quarter of the calibrated rate
+        hy.observe_cpu(4 * unit, cost.cpu_call_s + 4 * unit / 1e9)
+    assert hy.cpu_rate == pytest.approx(1e9, rel=1e-3)
+    assert hy.cost.cpu_bytes_per_s == hy.cpu_rate and hy.calibrated is cost
+    assert hy._prices[2] == pytest.approx(unit / 1e9, rel=1e-3)
+    assert fetched(hy) > before  # the slower CPU gets fewer of the 8 misses
+    for _ in range(200):  # absurd measurements are clamped to the bounds
+        hy.observe_cpu(unit, 1e3)
+    assert hy.cpu_rate == pytest.approx(misses.CPU_RATE_BOUNDS[0] * cost.cpu_bytes_per_s, rel=1e-3)
+    cpu = sched("cpu")
+    cpu.observe_cpu(4 * unit, 10.0)
+    assert cpu.cost is cost and cpu.cpu_rate == cost.cpu_bytes_per_s

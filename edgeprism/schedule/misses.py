@@ -17,12 +17,20 @@ cache in that gap, for later tokens (`admissions`); they queue behind the layer'
 the next layer's planner sees the busier copy engine. The ``cpu`` mode admits nothing: its cache
 keeps what prefill left (a static placement, like a fixed set of GPU experts).
 
+Online CPU price (hybrid): the calibrated CPU rate is measured alone, but in decode the CPU call
+shares host memory bandwidth with the copy engine's DMA reads and the host thread (on the H100 box:
+80 GB/s calibrated, 40–60 GB/s in decode), so a plan priced at the calibrated rate sends too much to the
+CPU. Each CPU call's measured rate (bytes ÷ (wall − per-call overhead)) feeds an exponential average
+(`CPU_EMA`), and the planner's `cost` is the calibrated model with that rate (`calibrated` keeps the
+original).
+
 Residency comes from the prefetcher's host-side model of the copy engine (`Prefetcher.residency`):
 a unit whose copy was issued and has not landed yet is in flight, with its predicted ready time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,6 +48,8 @@ from edgeprism.schedule.scheduler import Action, Residency, RoutedUnit, plain_pl
 
 MODES = ("fetch", "cpu", "hybrid")
 GPU_ACTIONS = (Action.HIT, Action.WAIT, Action.FETCH)
+CPU_EMA = 0.1  # weight of the newest CPU call in the measured CPU rate
+CPU_RATE_BOUNDS = (0.1, 2.0)  # the measured rate is kept within these multiples of the calibrated one
 _NO_PLAN = {Residency.RESIDENT: Action.HIT, Residency.INFLIGHT: Action.WAIT}  # misses: the CPU
 
 
@@ -76,6 +86,8 @@ class MissScheduler:
         if mode not in MODES:
             raise InputError(f"schedule={mode!r}: must be one of {MODES}.")
         self.mode, self.cost, self.cpu, self.store, self.fetch = mode, cost, cpu, store, fetch
+        self.calibrated = cost  # `cost` moves with the measured CPU rate (hybrid); this does not
+        self.cpu_rate = cost.cpu_bytes_per_s  # bytes/s, exponential average of the CPU calls' measured rates
         self.keep, self.budget_s = 1.0, None
         self.stats = MissStats()
         self._gap_s = 0.0  # copy-engine idle time under the last plan's CPU call
@@ -155,15 +167,32 @@ class MissScheduler:
         self.stats.cpu_calls += 1
         self.stats.cpu_bytes += len(rows) * self.store.unit_bytes
 
+        nbytes = len(rows) * self.store.unit_bytes
+
         def run() -> torch.Tensor:
             t0 = time.perf_counter()
             y = self.cpu(x, arena, picked, w)
-            self.stats.cpu_s += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            self.stats.cpu_s += dt
+            self.observe_cpu(nbytes, dt)
             return y
 
         if self._pool is None:  # one worker: a layer's CPU call is itself multi-threaded
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeprism-cpu-experts")
         return self._pool.submit(run)
+
+    def observe_cpu(self, nbytes: int, seconds: float) -> None:
+        """Fold one CPU call's measured rate into `cpu_rate` and reprice `cost` (hybrid only: the other
+        modes do not plan). Runs on the worker thread; `cost` and `_prices` are swapped whole."""
+        if self.mode != "hybrid" or nbytes <= 0:
+            return
+        base = self.calibrated
+        work = max(seconds - base.cpu_call_s, 1e-9)
+        lo, hi = (f * base.cpu_bytes_per_s for f in CPU_RATE_BOUNDS)
+        rate = min(max(nbytes / work, lo), hi)
+        self.cpu_rate += CPU_EMA * (rate - self.cpu_rate)
+        cost = dataclasses.replace(base, cpu_bytes_per_s=self.cpu_rate)
+        self.cost, self._prices = cost, (cost.copy_unit_s, cost.cpu_call_s, cost.cpu_unit_s)
 
     def reset_stats(self) -> None:
         self.stats = MissStats()
