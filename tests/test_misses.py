@@ -220,7 +220,7 @@ def test_measured_cpu_rate_reprices_the_plan():
 
     hy = sched("hybrid")
     before = fetched(hy)
-    for _ in range(100):  # measured 1 GB/s: a quarter of the calibrated rate
+    for _ in range(100):  # measured 1 GB/s: a quarter of the calibrated rate (one size: overhead kept)
         hy.observe_cpu(4 * unit, cost.cpu_call_s + 4 * unit / 1e9)
     assert hy.cpu_rate == pytest.approx(1e9, rel=1e-3)
     assert hy.cost.cpu_bytes_per_s == hy.cpu_rate and hy.calibrated is cost
@@ -229,6 +229,12 @@ def test_measured_cpu_rate_reprices_the_plan():
     for _ in range(200):  # absurd measurements are clamped to the bounds
         hy.observe_cpu(unit, 1e3)
     assert hy.cpu_rate == pytest.approx(misses.CPU_RATE_BOUNDS[0] * cost.cpu_bytes_per_s, rel=1e-3)
+    fit = sched("hybrid")
+    for i in range(300):  # calls of 1..4 units at 0.5 ms overhead + 2 GB/s: the fit finds both
+        n = 1 + i % 4
+        fit.observe_cpu(n * unit, 5e-4 + n * unit / 2e9)
+    assert fit.cpu_call_s == pytest.approx(5e-4, rel=1e-2) and fit.cpu_rate == pytest.approx(2e9, rel=1e-2)
+    assert fit.cost.cpu_call_s == fit.cpu_call_s and fit._prices[1] == fit.cpu_call_s
     cpu = sched("cpu")
     cpu.observe_cpu(4 * unit, 10.0)
     assert cpu.cost is cost and cpu.cpu_rate == cost.cpu_bytes_per_s
