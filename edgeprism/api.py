@@ -113,7 +113,7 @@ class Engine:
         self.fetch = Prefetcher(self.cache, copies)
         self.experts = OffloadedExperts(self.cache, self.fetch, config.gather_limit)
         self.cost = self._cost_model(cost, recalibrate)
-        self.sched = self._miss_scheduler()
+        self.sched = self._miss_scheduler(learn=cost is None)
         self.adaptive = self._adaptive_cache()
         self.model = self._build_decoder()
         self.gate = self._unit_gate()
@@ -188,12 +188,13 @@ class Engine:
             self.fetch.copy_cost = cost  # predicts when in-flight copies land
         return cost
 
-    def _miss_scheduler(self) -> MissScheduler | None:
-        """The decode-time scheduler of misses (`schedule` = "cpu" or "hybrid"); None = fetch them all."""
+    def _miss_scheduler(self, learn: bool) -> MissScheduler | None:
+        """The decode-time scheduler of misses (`schedule` = "cpu" or "hybrid"); None = fetch them all.
+        `learn`: reprice the CPU path from its measured calls (off when the caller gave the cost model)."""
         if self.config.schedule == "fetch" or self.cost is None:
             return None
         sched = MissScheduler(self.config.schedule, self.cost, CpuExperts(self.format, self.config.cpu_threads),
-                              self.store, self.fetch)
+                              self.store, self.fetch, learn=learn)
         sched.set_units(self.spec.top_k * self.config.groups)  # a decode segment computes k·G unit slots
         return sched
 
@@ -603,7 +604,8 @@ def load(model: str | os.PathLike | MemoryCheckpoint | None = None, vram_gb: flo
     in over PCIe; "cpu" computes it on the CPU from pinned RAM (`cpu_threads` threads, default CPUs − 1)
     while the GPU runs the cached ones; "hybrid" splits each layer's misses between the two from this
     machine's cost model (copy, CPU and GPU prices: measured at the first load and cached on disk
-    under ~/.cache/edgeprism/cost, `recalibrate=True` measures again, `cost` gives one), and lets
+    under ~/.cache/edgeprism/cost, `recalibrate=True` measures again, `cost` gives one; a measured
+    model's CPU price then follows the CPU calls' measured times in decode, a given one is kept as is), and lets
     generation calls trade quality for speed (`quality=`, `latency_ms=`). Prefill always fetches.
     `adaptive_cache=True` gives each MoE layer a soft share of the expert cache, re-solved every 256
     decode tokens from the layers' measured LRU hit curves (MoEpic-style; schedule/adaptive.py).

@@ -238,3 +238,7 @@ def test_measured_cpu_rate_reprices_the_plan():
     cpu = sched("cpu")
     cpu.observe_cpu(4 * unit, 10.0)
     assert cpu.cost is cost and cpu.cpu_rate == cost.cpu_bytes_per_s
+    given = misses.MissScheduler("hybrid", cost, cpu=None, store=SimpleNamespace(unit_bytes=unit), fetch=None,
+                                 learn=False)  # load(cost=...): the caller's prices are kept
+    given.observe_cpu(4 * unit, 10.0)
+    assert given.cost is cost and given._prices == (cost.copy_unit_s, cost.cpu_call_s, cost.cpu_unit_s)

@@ -19,11 +19,11 @@ keeps what prefill left (a static placement, like a fixed set of GPU experts).
 
 Online CPU price (hybrid): the calibrated CPU rate is measured alone, but in decode the CPU call
 shares host memory bandwidth with the copy engine's DMA reads and the host thread (on the H100 box:
-80 GB/s calibrated, 40–60 GB/s in decode), so a plan priced at the calibrated rate sends too much to the
+80 GB/s calibrated, 25–52 GB/s in hybrid decode), so a plan priced at the calibrated rate sends too much to the
 CPU. Each CPU call's measured time (submission to result, so the hand-off to the worker is included) feeds an
 exponentially weighted least-squares fit of time on bytes (`CPU_EMA`): the per-call overhead and the
 rate, and the planner's `cost` is the calibrated model with those two (`calibrated` keeps the
-original). On the H100 box a one-unit call cost ~0.6 ms in decode against 0.18 ms calibrated.
+original; a cost model passed to `load(cost=...)` is kept as given). On the H100 box a one-unit call cost ~0.6 ms in decode against 0.18 ms calibrated.
 
 Residency comes from the prefetcher's host-side model of the copy engine (`Prefetcher.residency`):
 a unit whose copy was issued and has not landed yet is in flight, with its predicted ready time.
@@ -84,11 +84,13 @@ class MissScheduler:
     token by the generation call (directly, or by a `qos.QosController`).
     """
 
-    def __init__(self, mode: str, cost: CostModel, cpu: CpuExperts, store: HostStore, fetch: Prefetcher) -> None:
+    def __init__(self, mode: str, cost: CostModel, cpu: CpuExperts, store: HostStore, fetch: Prefetcher, *,
+                 learn: bool = True) -> None:
         if mode not in MODES:
             raise InputError(f"schedule={mode!r}: must be one of {MODES}.")
         self.mode, self.cost, self.cpu, self.store, self.fetch = mode, cost, cpu, store, fetch
-        self.calibrated = cost  # `cost` moves with the measured CPU rate (hybrid); this does not
+        self.calibrated = cost  # `cost` moves with the measured CPU price (hybrid, `learn`); this does not
+        self.learn = learn
         self.cpu_rate = cost.cpu_bytes_per_s  # bytes/s, from the fit of the CPU calls' measured times
         self.cpu_call_s = cost.cpu_call_s  # per-call overhead, from the same fit
         self._fit = [0.0] * 5  # decayed sums: weight, x, x², t, x·t (x = bytes in MB, t = seconds)
@@ -168,11 +170,9 @@ class MissScheduler:
         order = sorted(range(len(rows)), key=rows.__getitem__)  # adjacent rows read as runs
         w = torch.tensor([float(weights[i]) for i in order], dtype=torch.float32)
         arena, picked = self.store.arenas[layer], [rows[i] for i in order]
-        self.stats.cpu_calls += 1
-        self.stats.cpu_bytes += len(rows) * self.store.unit_bytes
-
         nbytes = len(rows) * self.store.unit_bytes
-
+        self.stats.cpu_calls += 1
+        self.stats.cpu_bytes += nbytes
         submitted = time.perf_counter()
 
         def run() -> torch.Tensor:
@@ -195,7 +195,7 @@ class MissScheduler:
         rate; while the calls seen so far are all about the same size the overhead stays at its
         current value and only the rate moves. Runs on the worker thread; `cost` and `_prices` are
         swapped whole."""
-        if self.mode != "hybrid" or nbytes <= 0:
+        if self.mode != "hybrid" or not self.learn or nbytes <= 0:
             return
         base, f, x = self.calibrated, self._fit, nbytes / 1e6
         for i, v in enumerate((1.0, x, x * x, seconds, x * seconds)):
