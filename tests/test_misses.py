@@ -222,23 +222,38 @@ def test_measured_cpu_rate_reprices_the_plan():
     before = fetched(hy)
     for _ in range(100):  # measured 1 GB/s: a quarter of the calibrated rate (one size: overhead kept)
         hy.observe_cpu(4 * unit, cost.cpu_call_s + 4 * unit / 1e9)
-    assert hy.cpu_rate == pytest.approx(1e9, rel=1e-3)
-    assert hy.cost.cpu_bytes_per_s == hy.cpu_rate and hy.calibrated is cost
+    assert hy.cost.cpu_bytes_per_s == pytest.approx(1e9, rel=1e-3) and hy.calibrated is cost
     assert hy._prices[2] == pytest.approx(unit / 1e9, rel=1e-3)
     assert fetched(hy) > before  # the slower CPU gets fewer of the 8 misses
     for _ in range(200):  # absurd measurements are clamped to the bounds
         hy.observe_cpu(unit, 1e3)
-    assert hy.cpu_rate == pytest.approx(misses.CPU_RATE_BOUNDS[0] * cost.cpu_bytes_per_s, rel=1e-3)
+    assert hy.cost.cpu_bytes_per_s == pytest.approx(misses.CPU_RATE_BOUNDS[0] * cost.cpu_bytes_per_s, rel=1e-3)
     fit = sched("hybrid")
     for i in range(300):  # calls of 1..4 units at 0.5 ms overhead + 2 GB/s: the fit finds both
         n = 1 + i % 4
         fit.observe_cpu(n * unit, 5e-4 + n * unit / 2e9)
-    assert fit.cpu_call_s == pytest.approx(5e-4, rel=1e-2) and fit.cpu_rate == pytest.approx(2e9, rel=1e-2)
-    assert fit.cost.cpu_call_s == fit.cpu_call_s and fit._prices[1] == fit.cpu_call_s
+    assert fit.cost.cpu_call_s == pytest.approx(5e-4, rel=1e-2)
+    assert fit.cost.cpu_bytes_per_s == pytest.approx(2e9, rel=1e-2)
+    assert fit._prices == (fit.cost.copy_unit_s, fit.cost.cpu_call_s, fit.cost.cpu_unit_s)
     cpu = sched("cpu")
     cpu.observe_cpu(4 * unit, 10.0)
-    assert cpu.cost is cost and cpu.cpu_rate == cost.cpu_bytes_per_s
+    assert cpu.cost is cost
     given = misses.MissScheduler("hybrid", cost, cpu=None, store=SimpleNamespace(unit_bytes=unit), fetch=None,
                                  learn=False)  # load(cost=...): the caller's prices are kept
     given.observe_cpu(4 * unit, 10.0)
     assert given.cost is cost and given._prices == (cost.copy_unit_s, cost.cpu_call_s, cost.cpu_unit_s)
+
+
+def test_decode_reprices_from_its_own_cpu_calls(checkpoints, fetched):
+    """A measured (not given) cost model learns from the CPU calls decode makes: the done-callback
+    of each call feeds the fit, and outputs stay the fetch path's."""
+    unit_bytes = fetched["olmoe"][2]
+    eng = load_cpu(checkpoints["olmoe"], schedule="hybrid", cost=synthetic_cost(unit_bytes))
+    assert eng.sched.learn is False  # given prices are kept
+    eng.sched.learn = True  # as for a calibrated model (load without cost=)
+    torch.testing.assert_close(decode_logits(eng), fetched["olmoe"][0], rtol=1e-4, atol=1e-4)
+    eng.sched.close()  # joins the worker: every done-callback has run
+    assert eng.stats()["cpu_calls"] > 0
+    assert eng.sched.cost is not eng.sched.calibrated
+    assert eng.sched.cost.cpu_bytes_per_s != eng.sched.calibrated.cpu_bytes_per_s
+    eng.close()

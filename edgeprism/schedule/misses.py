@@ -19,11 +19,13 @@ keeps what prefill left (a static placement, like a fixed set of GPU experts).
 
 Online CPU price (hybrid): the calibrated CPU rate is measured alone, but in decode the CPU call
 shares host memory bandwidth with the copy engine's DMA reads and the host thread (on the H100 box:
-80 GB/s calibrated, 25–52 GB/s in hybrid decode), so a plan priced at the calibrated rate sends too much to the
-CPU. Each CPU call's measured time (submission to result, so the hand-off to the worker is included) feeds an
-exponentially weighted least-squares fit of time on bytes (`CPU_EMA`): the per-call overhead and the
-rate, and the planner's `cost` is the calibrated model with those two (`calibrated` keeps the
-original; a cost model passed to `load(cost=...)` is kept as given). On the H100 box a one-unit call cost ~0.6 ms in decode against 0.18 ms calibrated.
+80 GB/s calibrated, 25–52 GB/s in hybrid decode), so a plan priced at the calibrated rate sends too
+much to the CPU. Each CPU call's measured time (submission to result, so the hand-off to the worker
+is included) feeds an exponentially weighted least-squares fit of time on bytes (`CPU_EMA`): the
+per-call overhead and the rate, and the planner's `cost` is the calibrated model with those two (`calibrated` keeps the
+original; a cost model passed to `load(cost=...)` is kept as given). On the H100 box a one-unit call
+cost ~0.6 ms in decode against 0.18 ms calibrated. The fit runs after the call's result is handed
+over (a done-callback on the worker), off the layer's critical path.
 
 Residency comes from the prefetcher's host-side model of the copy engine (`Prefetcher.residency`):
 a unit whose copy was issued and has not landed yet is in flight, with its predicted ready time.
@@ -91,8 +93,6 @@ class MissScheduler:
         self.mode, self.cost, self.cpu, self.store, self.fetch = mode, cost, cpu, store, fetch
         self.calibrated = cost  # `cost` moves with the measured CPU price (hybrid, `learn`); this does not
         self.learn = learn
-        self.cpu_rate = cost.cpu_bytes_per_s  # bytes/s, from the fit of the CPU calls' measured times
-        self.cpu_call_s = cost.cpu_call_s  # per-call overhead, from the same fit
         self._fit = [0.0] * 5  # decayed sums: weight, x, x², t, x·t (x = bytes in MB, t = seconds)
         self.keep, self.budget_s = 1.0, None
         self.stats = MissStats()
@@ -173,19 +173,25 @@ class MissScheduler:
         nbytes = len(rows) * self.store.unit_bytes
         self.stats.cpu_calls += 1
         self.stats.cpu_bytes += nbytes
-        submitted = time.perf_counter()
+        submitted, took = time.perf_counter(), []
 
         def run() -> torch.Tensor:
             t0 = time.perf_counter()
             y = self.cpu(x, arena, picked, w)
             t1 = time.perf_counter()
             self.stats.cpu_s += t1 - t0
-            self.observe_cpu(nbytes, t1 - submitted)  # the hand-off to the worker is part of the price
+            took.append(t1 - submitted)  # the hand-off to the worker is part of the price
             return y
+
+        def priced(_: Future) -> None:  # after the result is handed over: off the layer's critical path
+            if took:
+                self.observe_cpu(nbytes, took[0])
 
         if self._pool is None:  # one worker: a layer's CPU call is itself multi-threaded
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeprism-cpu-experts")
-        return self._pool.submit(run)
+        pending = self._pool.submit(run)
+        pending.add_done_callback(priced)
+        return pending
 
     def observe_cpu(self, nbytes: int, seconds: float) -> None:
         """Fold one CPU call (bytes read, seconds from submission to result) into the price of the CPU
@@ -202,14 +208,13 @@ class MissScheduler:
             f[i] = (1.0 - CPU_EMA) * f[i] + CPU_EMA * v
         mx, mt = f[1] / f[0], f[3] / f[0]
         var = f[2] / f[0] - mx * mx
-        call = self.cpu_call_s
+        call = self.cost.cpu_call_s
         if var > (0.25 * mx) ** 2:  # sizes spread enough to tell overhead from rate
             slope = (f[4] / f[0] - mx * mt) / var
             if slope > 0:
                 call = min(max(mt - slope * mx, 0.0), CPU_CALL_MAX_S)
         lo, hi = (r * base.cpu_bytes_per_s for r in CPU_RATE_BOUNDS)
         rate = min(max(mx * 1e6 / max(mt - call, 1e-9), lo), hi)
-        self.cpu_rate, self.cpu_call_s = rate, call
         cost = dataclasses.replace(base, cpu_bytes_per_s=rate, cpu_call_s=call)
         self.cost, self._prices = cost, (cost.copy_unit_s, cost.cpu_call_s, cost.cpu_unit_s)
 
