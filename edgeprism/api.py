@@ -33,11 +33,12 @@ from edgeprism.models.tokenizer import Tokenizer, missing_tokenizer
 from edgeprism.moe.gate import UnitGate
 from edgeprism.moe.layer import MoEBlock
 from edgeprism.moe.offload import OffloadedExperts
-from edgeprism.moe.quant import make_format
+from edgeprism.moe.quant import make_format, triton_ready
 from edgeprism.refactor.artifact import Refactored, build_gate, is_artifact
 from edgeprism.prefetch.prefetcher import CudaCopies, InlineCopies, Prefetcher
 from edgeprism.runtime.batched import BatchedGeneration, check_batch_args, stop_check, texts
 from edgeprism.runtime.graphs import DecodeStep
+from edgeprism.runtime.direct import DirectDecode
 from edgeprism.runtime.layerwise import LayerwiseDecode
 from edgeprism.runtime.memory import GiB, BudgetPlan, free_device_bytes, plan_budget
 from edgeprism.schedule.adaptive import AdaptiveCacheConfig
@@ -112,6 +113,7 @@ class Engine:
         copies = CudaCopies(device) if device.type == "cuda" else InlineCopies()
         self.fetch = Prefetcher(self.cache, copies)
         self.experts = OffloadedExperts(self.cache, self.fetch, config.gather_limit)
+        self._enable_direct()
         self.cost = self._cost_model(cost, recalibrate)
         self.sched = self._miss_scheduler(learn=cost is None)
         self.adaptive = self._adaptive_cache()
@@ -167,13 +169,31 @@ class Engine:
                 block.ffn.unit_gate = gate
         return gate
 
+    def _enable_direct(self) -> None:
+        """schedule="direct": decode reads missed units from pinned host RAM inside its kernels."""
+        if self.config.schedule != "direct":
+            return
+        if self.experts.slot_map is not None or not self.experts.can_gather(self.spec.top_k):
+            log.info("schedule='direct' has nothing to do: %s", "every expert is resident"
+                     if self.experts.slot_map is not None else "decode runs unit by unit (units exceed gather_limit)")
+            return
+        if self.device.type == "cuda":
+            if not triton_ready():
+                raise ConfigError("schedule='direct' needs Triton on a GPU (its kernels read host RAM); "
+                                  "install triton or use schedule='fetch'.")
+            if not self.store.pinned:
+                log.warning("schedule='direct': the experts could not be pinned, so the GPU cannot read them in "
+                            "place; misses are fetched instead (schedule='fetch')")
+                return
+        self.experts.enable_direct(self.spec.top_k, admit_units=self.spec.top_k * self.config.groups)
+
     def _cost_model(self, cost: CostModel | None, recalibrate: bool) -> CostModel | None:
         """This machine's prices (measured at first use and cached on disk, or `cost` as given), for
         the miss scheduler (`schedule` = "cpu" or "hybrid") and for sizing prefetches on a GPU. None
         when nothing uses them: every miss fetched without prefetch, nothing can miss (all experts
         resident), or decode goes unit by unit."""
         cfg = self.config
-        if cfg.schedule == "fetch" and not (cfg.prefetch and self.device.type == "cuda"):
+        if cfg.schedule == "direct" or (cfg.schedule == "fetch" and not (cfg.prefetch and self.device.type == "cuda")):
             return None
         if self.experts.slot_map is not None or not self.experts.can_gather(self.spec.top_k):
             log.info("schedule=%r / prefetch have nothing to do: %s", cfg.schedule, "every expert is resident"
@@ -207,10 +227,12 @@ class Engine:
         return AdaptiveCacheConfig(self.cache.table, self.spec.moe_layers, miss_cost=miss_cost,
                                    min_slots=self.spec.top_k * self.config.groups)
 
-    def _decode_step(self) -> DecodeStep | LayerwiseDecode:
+    def _decode_step(self) -> DecodeStep | LayerwiseDecode | DirectDecode:
         """All experts resident: one graph per token. Dynamic cache: graph segments per MoE layer,
         with prefetch. Units too large to gather: the plain eager step (unit by unit)."""
         cfg = self.config
+        if self.experts.direct is not None:
+            return DirectDecode(self.model, self.experts.direct, self.device, cfg.cuda_graphs)
         if self.experts.slot_map is not None or not self.experts.can_gather(self.spec.top_k):
             return DecodeStep(self.model, self.device, cfg.cuda_graphs and self.experts.slot_map is not None)
         return LayerwiseDecode(self.model, self.experts, self.fetch, self.device, cfg.cuda_graphs,
@@ -525,7 +547,9 @@ class Engine:
             "host_pinned": self.store.pinned, "policy": self.config.policy, "groups": self.config.groups,
             "prefetch": isinstance(self.decode_step, LayerwiseDecode) and self.decode_step.predictor is not None,
             **self.fetch.summary(),
-            "schedule": self.config.schedule if self.sched is not None else "fetch",
+            "schedule": (self.config.schedule if self.sched is not None
+                         else "direct" if self.experts.direct is not None else "fetch"),
+            "zero_copy_bytes": self.experts.direct.misses * self.plan.unit_bytes if self.experts.direct else 0,
             **(self.sched.stats.as_dict() if self.sched is not None else {}),
             "adaptive_cache": self.adaptive.summary() if self.adaptive is not None else None,
         }

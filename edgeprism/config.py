@@ -188,7 +188,8 @@ class EngineConfig:
     prefetch: bool = False  # predict the next layers' experts and copy them in ahead of need (opt-in: see docs)
     lookahead: int = 1  # how many MoE layers ahead the predictor looks (1-3)
     predict_experts: int | None = None  # experts prefetched per target layer (None = top_k)
-    schedule: str = "fetch"  # decode misses: "fetch" (copy in), "cpu" (compute on the CPU), "hybrid" (planner)
+    schedule: str = "fetch"  # decode misses: "fetch" (copy in), "cpu" (compute on the CPU), "hybrid" (planner),
+    # "direct" (the kernels read them from pinned host RAM: one graph per token)
     cpu_threads: int | None = None  # threads of the CPU expert path (None = CPUs − 1)
     adaptive_cache: bool = False  # per-layer cache shares re-solved from measured hit curves (schedule/adaptive.py)
     quant_cache: bool = True  # read/write quantized experts from/to disk (cache/quant_store.py)
@@ -205,9 +206,13 @@ class EngineConfig:
             raise ConfigError(f"lookahead={self.lookahead!r}: must be 1, 2 or 3 MoE layers.")
         if self.predict_experts is not None and (not isinstance(self.predict_experts, int) or self.predict_experts < 1):
             raise ConfigError(f"predict_experts={self.predict_experts!r}: must be a positive integer or None.")
-        if self.schedule not in ("fetch", "cpu", "hybrid"):
+        if self.schedule not in ("fetch", "cpu", "hybrid", "direct"):
             raise ConfigError(f"schedule={self.schedule!r}: must be 'fetch' (copy misses to the GPU), 'cpu' "
-                              "(compute misses on the CPU) or 'hybrid' (choose per layer from the cost model).")
+                              "(compute misses on the CPU), 'hybrid' (choose per layer from the cost model) or "
+                              "'direct' (the GPU reads misses straight from pinned host RAM).")
+        if self.schedule == "direct" and not self.pin_memory:
+            raise ConfigError("schedule='direct' has the GPU read experts straight from pinned host RAM, but "
+                              "pin_memory=False; pin the experts or use schedule='fetch'.")
         if self.cpu_threads is not None and (isinstance(self.cpu_threads, bool) or not isinstance(self.cpu_threads, int)
                                              or self.cpu_threads < 1):
             raise ConfigError(f"cpu_threads={self.cpu_threads!r}: must be a positive integer or None.")

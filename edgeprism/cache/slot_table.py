@@ -146,6 +146,17 @@ class SlotTable:
             else:
                 del self._pins[key]
 
+    def count_uses(self, hits: Sequence[SubExpertKey], misses: int, step: int) -> None:
+        """Count uses that did not go through `acquire` (zero-copy decode reads misses from host
+        RAM without pinning anything): `hits` resident units read from their slots, `misses`
+        units read from elsewhere. The policy sees the hits as accesses."""
+        for key in hits:
+            self.policy.on_access(key, step)
+            if self._quotas is not None:
+                self._quotas.touch(key)
+        self.hits += len(hits)
+        self.misses += misses
+
     def insert_prefetched(
         self, key: SubExpertKey, step: int, current_layer: int, num_layers: int
     ) -> int | None:

@@ -7,6 +7,8 @@ Three execution paths, chosen per call by size:
   computed by one batched GEMV over the slots; no Python loop per unit.
 - unit by unit (prefill, or units too large to gather): one unit pinned at a time, so a cache far
   smaller than one layer's experts still runs a long prompt.
+- direct (`schedule="direct"`, one token): slots from a device-side map of the cached units, and the
+  kernels read the others straight from pinned host RAM (cache/direct.py): no host sync either.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from contextlib import contextmanager
 
 import torch
 
+from edgeprism.cache.direct import DirectCache
 from edgeprism.cache.keys import SubExpertKey
 from edgeprism.cache.vram_cache import ExpertCache
 from edgeprism.prefetch.prefetcher import Prefetcher
@@ -40,6 +43,13 @@ class OffloadedExperts:
         # path and on the device for the sync-free decode path; None when the cache is dynamic
         self.host_slot_map = self._static_map() if cache.preload_all() else None
         self.slot_map = self.host_slot_map.to(cache.device) if self.host_slot_map is not None else None
+        self.direct: DirectCache | None = None  # zero-copy decode (`enable_direct`)
+
+    def enable_direct(self, top_k: int, admit_units: int) -> DirectCache:
+        """One-token calls read missed units from host RAM in the kernel (a dynamic cache only)."""
+        assert self.slot_map is None, "every unit is resident: nothing to read from the host"
+        self.direct = DirectCache(self.cache, self.fetch, top_k, admit_units)
+        return self.direct
 
     def _static_map(self) -> torch.Tensor:
         store, table = self.cache.store, self.cache.table
@@ -55,6 +65,10 @@ class OffloadedExperts:
         # x: [T, D]; ids, weights: [T, k]; units: [T, k, G] per-unit weights (0 = skip) or None -> [T, D]
         # The path depends only on the call's shape, never on the cache state, so that outputs are
         # bit-identical whatever the cache size or policy. A decode step's k·G units always fit.
+        if self.direct is not None:
+            if ids.shape[0] == 1 and self.can_gather(ids.shape[1]):
+                return self._direct(layer, x, ids, weights, units)
+            self.direct.stale = True  # the paths below move units: rebuild the map before the next direct call
         if not (ids.shape[0] <= self.gather_max and self.can_gather(ids.shape[0] * ids.shape[1])):
             return self._unit_by_unit(layer, x, ids, weights, units)
         if self.slot_map is not None:
@@ -91,6 +105,18 @@ class OffloadedExperts:
         slots = self.slot_map[layer][ids].reshape(-1)  # [T, k, G] -> [A]
         tokens, w = self._expand(x, ids, weights, units)
         return self.cache.format.grouped(x, self.cache.parts, slots, tokens, w)
+
+    def _direct(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                units: torch.Tensor | None = None) -> torch.Tensor:
+        # graph-safe: device ops only (the map is sent by DirectCache.before_step; eager callers
+        # such as a one-token prefill chunk find it stale and send it here)
+        direct = self.direct
+        assert direct is not None
+        if direct.stale and not torch.cuda.is_current_stream_capturing():
+            direct.before_step()
+        slots, rows = direct.lookup(layer, ids)
+        tokens, w = self._expand(x, ids, weights, units)
+        return self.cache.format.grouped_direct(x, self.cache.parts, direct.host_parts[layer], slots, rows, tokens, w)
 
     def _gathered(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                   units: torch.Tensor | None = None) -> torch.Tensor:

@@ -105,6 +105,20 @@ class UnitFormat:
         w13, w2 = self.dequantize(parts, slots)
         return grouped_swiglu(x, w13, w2, torch.arange(slots.numel(), device=x.device), tokens, weights)
 
+    def grouped_direct(self, x: torch.Tensor, parts: Parts, host: Parts, slots: torch.Tensor, rows: torch.Tensor,
+                       tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """`grouped` where an assignment with slots[a] < 0 reads its unit from row rows[a] of the host
+        arena (`host`: this format's views of it) instead of the pool: zero-copy decode
+        (`schedule="direct"`). On CUDA the Triton kernels read such rows over PCIe; this reference
+        (CPU, tests) gathers both and gives bit-for-bit what `grouped` gives with every unit in the pool."""
+        live = slots >= 0
+        pool13, pool2 = self.dequantize(parts, slots.clamp(min=0))
+        idx = rows.to(_parts_device(host))
+        host13, host2 = (t.to(x.device) for t in self.dequantize(host, idx))
+        w13 = torch.where(live[:, None, None], pool13, host13)
+        w2 = torch.where(live[:, None, None], pool2, host2)
+        return grouped_swiglu(x, w13, w2, torch.arange(slots.numel(), device=x.device), tokens, weights)
+
     def unit(self, x: torch.Tensor, parts: Parts, slot: int) -> torch.Tensor:
         """One unit on x [n, D] -> [n, D] (prefill)."""
         w13, w2 = self.dequantize(parts, torch.tensor([slot], device=x.device))
@@ -151,9 +165,23 @@ class DenseFormat(UnitFormat):
             return grouped_swiglu(x, parts.w13, parts.w2, slots, tokens, weights)
         return super().grouped(x, parts, slots, tokens, weights)
 
+    def grouped_direct(self, x: torch.Tensor, parts: Parts, host: Parts, slots: torch.Tensor, rows: torch.Tensor,
+                       tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        assert isinstance(parts, DenseParts) and isinstance(host, DenseParts)
+        if self.row_dtype == x.dtype and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and triton_ready():
+            from edgeprism.moe import quant_triton
+
+            return quant_triton.grouped_dense(x, parts.w13, parts.w2, slots, tokens, weights,
+                                              host=(host.w13, host.w2), rows=rows)
+        return super().grouped_direct(x, parts, host, slots, rows, tokens, weights)
+
     def unit(self, x: torch.Tensor, parts: Parts, slot: int) -> torch.Tensor:
         assert isinstance(parts, DenseParts)
         return swiglu_unit(x, parts.w13[slot].to(x.dtype), parts.w2[slot].to(x.dtype))
+
+
+def _parts_device(parts: Parts) -> torch.device:
+    return parts.w13.device if isinstance(parts, DenseParts) else parts.q13.device
 
 
 def _align(n: int) -> int:
@@ -230,6 +258,15 @@ class Int8Format(_QuantFormat):
             return quant_triton.grouped(x, parts, slots, tokens, weights, int4=False, group_size=0)
         return super().grouped(x, parts, slots, tokens, weights)
 
+    def grouped_direct(self, x: torch.Tensor, parts: Parts, host: Parts, slots: torch.Tensor, rows: torch.Tensor,
+                       tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and triton_ready():
+            from edgeprism.moe import quant_triton
+
+            assert isinstance(parts, QuantParts) and isinstance(host, QuantParts)
+            return quant_triton.grouped(x, parts, slots, tokens, weights, int4=False, group_size=0, host=host, rows=rows)
+        return super().grouped_direct(x, parts, host, slots, rows, tokens, weights)
+
     def cpu_grouped(self, x: torch.Tensor, parts: Parts, rows: torch.Tensor, tokens: torch.Tensor,
                     weights: torch.Tensor) -> torch.Tensor:
         op = aten_op("_weight_int8pack_mm")
@@ -278,6 +315,16 @@ class Int4Format(_QuantFormat):
 
             return quant_triton.grouped(x, parts, slots, tokens, weights, int4=True, group_size=self.group_size)
         return super().grouped(x, parts, slots, tokens, weights)
+
+    def grouped_direct(self, x: torch.Tensor, parts: Parts, host: Parts, slots: torch.Tensor, rows: torch.Tensor,
+                       tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and triton_ready():
+            from edgeprism.moe import quant_triton
+
+            assert isinstance(parts, QuantParts) and isinstance(host, QuantParts)
+            return quant_triton.grouped(x, parts, slots, tokens, weights, int4=True, group_size=self.group_size,
+                                        host=host, rows=rows)
+        return super().grouped_direct(x, parts, host, slots, rows, tokens, weights)
 
 
 # ---- quantizers (load time; run on whatever device the weights are on) -------------------------

@@ -61,32 +61,52 @@ def _dot_rows(q_base, s_base, m_base, x_row, rows, rows_ok, K: tl.constexpr, GS:
 
 
 @triton.jit
-def _w13_kernel(x_ptr, q_ptr, s_ptr, m_ptr, slots_ptr, tokens_ptr, act_ptr, q_stride, s_stride,
-                D: tl.constexpr, IG: tl.constexpr, GS: tl.constexpr, INT4: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _unit_bases(q_ptr, s_ptr, m_ptr, hq_ptr, hs_ptr, hm_ptr, slots_ptr, rows_ptr, a, q_stride, s_stride,
+                DIRECT: tl.constexpr):
+    """Base pointers of assignment a's unit: its slot in the VRAM pool, or (DIRECT, slot < 0) its row
+    of the pinned host arena, which the kernel then reads over PCIe (zero-copy; host and pool rows
+    have the same layout, so the same strides)."""
+    slot = tl.load(slots_ptr + a).to(tl.int64)
+    if DIRECT:
+        if slot < 0:
+            row = tl.load(rows_ptr + a).to(tl.int64)
+            q_base, s_base, m_base = hq_ptr + row * q_stride, hs_ptr + row * s_stride, hm_ptr + row * s_stride
+        else:
+            q_base, s_base, m_base = q_ptr + slot * q_stride, s_ptr + slot * s_stride, m_ptr + slot * s_stride
+    else:
+        q_base, s_base, m_base = q_ptr + slot * q_stride, s_ptr + slot * s_stride, m_ptr + slot * s_stride
+    return q_base, s_base, m_base
+
+
+@triton.jit
+def _w13_kernel(x_ptr, q_ptr, s_ptr, m_ptr, hq_ptr, hs_ptr, hm_ptr, slots_ptr, rows_ptr, tokens_ptr, weights_ptr,
+                act_ptr, q_stride, s_stride, D: tl.constexpr, IG: tl.constexpr, GS: tl.constexpr, INT4: tl.constexpr,
+                DIRECT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     a = tl.program_id(0)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # gate rows n, up rows IG + n
     n_ok = n < IG
-    slot = tl.load(slots_ptr + a).to(tl.int64)
+    # a unit of weight 0 (dropped by keep < 1) reads no weights: every load below is masked off
+    live = tl.load(weights_ptr + a).to(tl.float32) != 0
     x_row = x_ptr + tl.load(tokens_ptr + a).to(tl.int64) * D
-    q_base, s_base, m_base = q_ptr + slot * q_stride, s_ptr + slot * s_stride, m_ptr + slot * s_stride
-    gate = _dot_rows(q_base, s_base, m_base, x_row, n, n_ok, D, GS, INT4, BLOCK_N, BLOCK_K)
-    up = _dot_rows(q_base, s_base, m_base, x_row, IG + n, n_ok, D, GS, INT4, BLOCK_N, BLOCK_K)
+    q_base, s_base, m_base = _unit_bases(q_ptr, s_ptr, m_ptr, hq_ptr, hs_ptr, hm_ptr, slots_ptr, rows_ptr, a,
+                                         q_stride, s_stride, DIRECT)
+    gate = _dot_rows(q_base, s_base, m_base, x_row, n, n_ok & live, D, GS, INT4, BLOCK_N, BLOCK_K)
+    up = _dot_rows(q_base, s_base, m_base, x_row, IG + n, n_ok & live, D, GS, INT4, BLOCK_N, BLOCK_K)
     act = gate / (1.0 + tl.exp(-gate)) * up  # silu(gate) · up
     tl.store(act_ptr + a * IG + n, act, mask=n_ok)
 
 
 @triton.jit
-def _w2_kernel(act_ptr, q_ptr, s_ptr, m_ptr, slots_ptr, weights_ptr, y_ptr, q_stride, s_stride,
-               D: tl.constexpr, IG: tl.constexpr, GS: tl.constexpr, INT4: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _w2_kernel(act_ptr, q_ptr, s_ptr, m_ptr, hq_ptr, hs_ptr, hm_ptr, slots_ptr, rows_ptr, weights_ptr, y_ptr,
+               q_stride, s_stride, D: tl.constexpr, IG: tl.constexpr, GS: tl.constexpr, INT4: tl.constexpr,
+               DIRECT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     a = tl.program_id(0)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # output features
     n_ok = n < D
-    slot = tl.load(slots_ptr + a).to(tl.int64)
-    q_base, s_base, m_base = q_ptr + slot * q_stride, s_ptr + slot * s_stride, m_ptr + slot * s_stride
-    y = _dot_rows(q_base, s_base, m_base, act_ptr + a * IG, n, n_ok, IG, GS, INT4, BLOCK_N, BLOCK_K)
     w = tl.load(weights_ptr + a).to(tl.float32)
+    q_base, s_base, m_base = _unit_bases(q_ptr, s_ptr, m_ptr, hq_ptr, hs_ptr, hm_ptr, slots_ptr, rows_ptr, a,
+                                         q_stride, s_stride, DIRECT)
+    y = _dot_rows(q_base, s_base, m_base, act_ptr + a * IG, n, n_ok & (w != 0), IG, GS, INT4, BLOCK_N, BLOCK_K)
     tl.store(y_ptr + a * D + n, y * w, mask=n_ok)
 
 
@@ -119,34 +139,56 @@ def _step_k(K: int, group_size: int, groups_per_step: int) -> int:
 
 
 def grouped_dense(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, slots: torch.Tensor,
-                  tokens: torch.Tensor, weights: torch.Tensor, blocks: Blocks = DENSE_BLOCKS) -> torch.Tensor:
+                  tokens: torch.Tensor, weights: torch.Tensor, blocks: Blocks = DENSE_BLOCKS,
+                  host: tuple[torch.Tensor, torch.Tensor] | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
     """`grouped` for unquantized 16-bit units: the int8 kernels with the weights as they are and a
-    unit scale (a stride-0 row of ones). w13 [S, 2Ig, D], w2 [S, D, Ig] pool views -> [T, D]."""
+    unit scale (a stride-0 row of ones). w13 [S, 2Ig, D], w2 [S, D, Ig] pool views -> [T, D];
+    `host` = (w13, w2) views of a pinned host arena for the units with slot < 0 (see `grouped`)."""
     D, IG = x.shape[1], w2.shape[-1]
     ones = torch.ones(max(2 * IG, D), dtype=torch.float32, device=x.device)
-    parts = QuantParts(q13=w13, s13=ones[None, :2 * IG].expand(w13.shape[0], -1),
-                       q2=w2, s2=ones[None, :D].expand(w2.shape[0], -1))
-    return grouped(x, parts, slots, tokens, weights, int4=False, group_size=0, blocks=blocks)
+
+    def parts_of(a13: torch.Tensor, a2: torch.Tensor) -> QuantParts:
+        return QuantParts(q13=a13, s13=ones[None, :2 * IG].expand(a13.shape[0], -1),
+                          q2=a2, s2=ones[None, :D].expand(a2.shape[0], -1))
+
+    host_parts = parts_of(*host) if host is not None else None
+    return grouped(x, parts_of(w13, w2), slots, tokens, weights, int4=False, group_size=0, blocks=blocks,
+                   host=host_parts, rows=rows)
 
 
 def grouped(x: torch.Tensor, parts: QuantParts, slots: torch.Tensor, tokens: torch.Tensor,
-            weights: torch.Tensor, int4: bool, group_size: int, blocks: Blocks | None = None) -> torch.Tensor:
-    """`UnitFormat.grouped` for int8/int4 on CUDA. x: [T, D]; slots, tokens, weights: [A] -> [T, D]."""
+            weights: torch.Tensor, int4: bool, group_size: int, blocks: Blocks | None = None,
+            host: QuantParts | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """`UnitFormat.grouped` for int8/int4 on CUDA. x: [T, D]; slots, tokens, weights: [A] -> [T, D].
+
+    With `host` (the same format's views of a pinned host arena) and `rows` [A], an assignment whose
+    slot is < 0 reads its unit from host row rows[a] instead: the kernel streams it over PCIe
+    (measured ~50 GB/s on the H100 box, as fast as a copy) and no copy or host decision is needed."""
     x = x.contiguous()
     A, D = slots.numel(), x.shape[1]
     IG = parts.q2.shape[-1] * (2 if int4 else 1)
     b = blocks or (INT4_BLOCKS if int4 else INT8_BLOCKS)
     m13 = parts.m13 if int4 else parts.s13  # unused by the int8 branch; any valid pointer
     m2 = parts.m2 if int4 else parts.s2
+    direct = host is not None
+    if direct:
+        assert rows is not None and host.q13.stride(0) == parts.q13.stride(0) and host.q2.stride(0) == parts.q2.stride(0)
+        assert host.s13.stride(0) == parts.s13.stride(0) and host.s2.stride(0) == parts.s2.stride(0)
+        h = host
+        hm13, hm2 = (h.m13, h.m2) if int4 else (h.s13, h.s2)
+    else:
+        h, hm13, hm2, rows = parts, m13, m2, slots
     k13 = _step_k(D, group_size, b.k13) if int4 else b.k13
     k2 = _step_k(IG, group_size, b.k2) if int4 else b.k2
     gs = group_size if int4 else 1
+    weights = weights.reshape(-1)
     act = torch.empty(A, IG, dtype=torch.float32, device=x.device)
     y = torch.empty(A, D, dtype=torch.float32, device=x.device)
     _w13_kernel[(A, triton.cdiv(IG, b.n13))](
-        x, parts.q13, parts.s13, m13, slots, tokens, act, parts.q13.stride(0), parts.s13.stride(0),
-        D=D, IG=IG, GS=gs, INT4=int4, BLOCK_N=b.n13, BLOCK_K=k13, num_warps=b.warps13)
+        x, parts.q13, parts.s13, m13, h.q13, h.s13, hm13, slots, rows, tokens, weights, act,
+        parts.q13.stride(0), parts.s13.stride(0),
+        D=D, IG=IG, GS=gs, INT4=int4, DIRECT=direct, BLOCK_N=b.n13, BLOCK_K=k13, num_warps=b.warps13)
     _w2_kernel[(A, triton.cdiv(D, b.n2))](
-        act, parts.q2, parts.s2, m2, slots, weights.reshape(-1), y, parts.q2.stride(0), parts.s2.stride(0),
-        D=D, IG=IG, GS=gs, INT4=int4, BLOCK_N=b.n2, BLOCK_K=k2, num_warps=b.warps2)
+        act, parts.q2, parts.s2, m2, h.q2, h.s2, hm2, slots, rows, weights, y, parts.q2.stride(0), parts.s2.stride(0),
+        D=D, IG=IG, GS=gs, INT4=int4, DIRECT=direct, BLOCK_N=b.n2, BLOCK_K=k2, num_warps=b.warps2)
     return torch.zeros_like(x).index_add_(0, tokens, y.to(x.dtype))

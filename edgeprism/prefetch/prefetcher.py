@@ -275,6 +275,21 @@ class Prefetcher:
         self._issue(fills)
         return len(fills)
 
+    def copy_after_compute(self, fills: Sequence[tuple[SubExpertKey, int]]) -> None:
+        """Copy units the caller already placed in the table (zero-copy decode's admissions) into
+        their slots, each copy after all compute issued so far (which may still read the slots'
+        previous units) and after earlier copies into the same slots. Nothing waits for them:
+        `landed` says when a slot's copy is done."""
+        mark = self.engine.mark()
+        for _, slot in fills:
+            self._read[slot] = mark
+        self._issue(fills)
+
+    def landed(self, slot: int) -> bool:
+        """Whether the last copy issued into `slot` has completed (never blocks)."""
+        ticket = self._pending.get(slot)
+        return ticket is None or bool(ticket.query())
+
     # ----- internals -----
 
     def _worth_copying(self, layer: int) -> bool | None:

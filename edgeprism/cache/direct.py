@@ -1,0 +1,172 @@
+"""Zero-copy decode (`schedule="direct"`): misses are read by the GPU straight from pinned host RAM.
+
+Pinned host memory is mapped into the GPU's address space, so a kernel can load from it over PCIe.
+Measured on the H100 box (bench/results/2026-11-23-h100-zerocopy/): the grouped decode kernels read
+missed units from the host arena at ~50 GB/s (bf16, int8) and ~40 GB/s (int4) — as fast as a copy
+engine moves them (54 GB/s) — with bit-identical results. That removes the host from the decode
+loop: a token is one CUDA graph whose MoE layers look their units up in a device-side map
+(`dev_map[layer, expert, group]` = slot, or -1 for "read row `rows[expert, group]` of the host
+arena"), with no per-layer routing read, slot bookkeeping or copy wait.
+
+The VRAM cache still decides what is fast. Between tokens the host reads the token's routing (one
+small copy, made while the next token's graph runs), counts hits and misses, and admits some missed
+units into the cache with ordinary copies on the copy stream, evicting the policy's victims. The
+protocol keeps every slot read safe without pins:
+
+1. A unit is published in the map only after its copy has landed (its copy ticket has completed).
+2. A victim is unpublished (map entry -1) in the map copy that precedes the next graph; its slot is
+   overwritten only by a copy issued after that map copy and after the graph that last read it has
+   finished (the host waited for it at the step boundary).
+3. Anything else that moves units (prefill, batched decode: the acquire/release paths) marks the map
+   stale, and it is rebuilt from the slot table before the next direct step.
+
+Admissions are bounded (`admit_units` per token once the cache is full, the most-routed missed units
+first) because every admitted unit costs a copy over the same PCIe link the misses are read over.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from edgeprism.cache.keys import SubExpertKey
+from edgeprism.cache.vram_cache import ExpertCache
+from edgeprism.moe.quant import Parts
+from edgeprism.prefetch.prefetcher import Prefetcher
+
+
+class DirectCache:
+    """Device map of the published units, host-arena row ids, and admissions between tokens."""
+
+    def __init__(self, cache: ExpertCache, fetch: Prefetcher, top_k: int, admit_units: int) -> None:
+        store = cache.store
+        self.cache, self.fetch, self.store, self.table = cache, fetch, store, cache.table
+        self.device = cache.device
+        self.top_k, self.groups, self.admit_units = top_k, store.groups, admit_units
+        L, E, G = cache.num_layers, store.num_experts, store.groups
+        self.layers = list(store.layers)
+        self.host_map = torch.full((L, E, G), -1, dtype=torch.long)  # what the next graph will see
+        self.dev_map = self.host_map.to(self.device)
+        rows = [[store.row(SubExpertKey(store.layers[0], e, g)) for g in range(G)] for e in range(E)]
+        self.rows = torch.tensor(rows, dtype=torch.long, device=self.device)  # [E, G] host-arena row
+        self.host_parts: dict[int, Parts] = {layer: store.format.parts(store.arenas[layer]) for layer in store.layers}
+        self.route_log = torch.zeros(L, top_k, dtype=torch.long, device=self.device)  # written by the graph
+        cuda = self.device.type == "cuda"
+        self._host_route = torch.zeros(L, top_k, dtype=torch.long, pin_memory=cuda)
+        self._route_copied = torch.cuda.Event() if cuda else None
+        self._logged = False  # _host_route holds a step's routing not yet processed
+        self._published: dict[SubExpertKey, int] = {}
+        self._pending: dict[SubExpertKey, int] = {}  # admitted, copy in flight: key -> slot
+        self._occupant: dict[int, SubExpertKey] = {}  # slot -> its published or pending unit
+        # decayed count of each unit's misses (x0.9 per step, kept as one growing increment)
+        self._heat: dict[SubExpertKey, float] = {}
+        self._inc = 1.0
+        self.stale = True  # the map must be rebuilt from the table before the next direct step
+        self.hits = self.misses = self.admitted = 0
+
+    # ----- inside the graph -----
+
+    def lookup(self, layer: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots (-1 = read from the host arena) and host rows of one token's units ([k·G] each),
+        and its routing recorded for the host. Device ops only (graph-safe)."""
+        self.route_log[layer].copy_(ids.reshape(-1))
+        return self.dev_map[layer][ids].reshape(-1), self.rows[ids].reshape(-1)
+
+    # ----- at the step boundaries (host) -----
+
+    def before_step(self) -> None:
+        """Publish landed admissions and send the map to the device, ahead of the graph that reads
+        it. The last graph has finished (the caller read its logits), so this costs no wait."""
+        if self.stale:
+            self._rebuild()
+        for key, slot in list(self._pending.items()):
+            if self.fetch.landed(slot):
+                del self._pending[key]
+                self._publish(key, slot)
+        # a pageable source: the copy is staged before copy_ returns, so host_map may change after
+        self.dev_map.copy_(self.host_map)
+
+    def read_routing(self) -> None:
+        """Queue the copy of the step's routing to the host (right after its graph)."""
+        self._host_route.copy_(self.route_log, non_blocking=self._route_copied is not None)
+        if self._route_copied is not None:
+            self._route_copied.record()
+        self._logged = True
+
+    def after_step(self, step: int) -> None:
+        """Count the routed units of the step `read_routing` logged and admit missed ones (copies
+        start now on the copy stream, after all compute issued so far, and are published once
+        landed). Called right after the next graph was launched, so it runs while that computes."""
+        if not self._logged:
+            return
+        self._logged = False
+        if self._route_copied is not None:
+            self._route_copied.synchronize()  # queued before the running graph: already done
+        routes = self._host_route.tolist()
+        G, published, hits, missed = self.groups, self._published, [], []
+        for layer in self.layers:
+            for e in routes[layer]:
+                for g in range(G):
+                    key = SubExpertKey(layer, e, g)
+                    (hits if key in published else missed).append(key)
+        self.table.count_uses(hits, len(missed), step)
+        self.hits += len(hits)
+        self.misses += len(missed)
+        self._admit(missed, step)
+
+    # ----- internals -----
+
+    def _admit(self, missed: list[SubExpertKey], step: int) -> None:
+        """Place the hottest missed units in the table (evicting the policy's victims), unpublish
+        the victims and start the copies. A victim's slot may still be read by the graph now
+        running (it was launched with the old map), so the copies wait for all compute issued so
+        far; the next graph no longer sees the victim (the next `before_step` sends the map)."""
+        self._inc /= 0.9
+        if self._inc > 1e12:  # renormalise the decayed counts now and then
+            self._heat = {k: h / self._inc for k, h in self._heat.items() if h / self._inc > 1e-3}
+            self._inc = 1.0
+        heat = self._heat
+        for key in missed:
+            heat[key] = heat.get(key, 0.0) + self._inc
+        free = self.cache.num_slots - self.table.num_resident
+        budget = max(self.admit_units, free)
+        cands = [k for k in dict.fromkeys(missed) if k not in self._pending and self.table.lookup(k) is None]
+        cands.sort(key=lambda k: -heat[k])
+        placed = []
+        for key in cands[:budget]:
+            slot = self.table.insert_prefetched(key, step, key.layer, self.cache.num_layers)
+            if slot is None:
+                break
+            old = self._occupant.get(slot)
+            if old is not None:
+                if old in self._published:
+                    self._unpublish(old)
+                self._pending.pop(old, None)
+            self._occupant[slot] = key
+            self._pending[key] = slot
+            placed.append((key, slot))
+        if placed:
+            self.fetch.copy_after_compute(placed)
+            self.admitted += len(placed)
+
+    def _publish(self, key: SubExpertKey, slot: int) -> None:
+        self._published[key] = slot
+        self.host_map[key.layer, key.expert, key.group] = slot
+
+    def _unpublish(self, key: SubExpertKey) -> None:
+        del self._published[key]
+        self.host_map[key.layer, key.expert, key.group] = -1
+
+    def _rebuild(self) -> None:
+        """The map from the slot table, after something else (prefill, batched decode) moved units.
+        Their copies were waited on by the compute that used them; `drain` covers the rest."""
+        self.fetch.drain()
+        self.host_map.fill_(-1)
+        self._published.clear()
+        self._pending.clear()
+        self._occupant.clear()
+        for key in self.table.resident_keys():
+            slot = self.table.lookup(key)
+            if slot is not None:
+                self._publish(key, slot)
+                self._occupant[slot] = key
+        self.stale = False

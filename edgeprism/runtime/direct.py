@@ -1,0 +1,45 @@
+"""One decode token with zero-copy misses: the whole token is one CUDA graph.
+
+With `schedule="direct"` no host decision sits between the MoE layers: each layer looks its units
+up in a device-side map and the kernels read the uncached ones straight from pinned host RAM
+(cache/direct.py). So the step is `DecodeStep`'s single graph per attention-length bucket,
+bracketed by the cache's host work at the token boundary:
+
+1. `before_step`: publish admissions whose copies have landed, send the map (the previous graph
+   has finished: its logits were read).
+2. replay the token's graph.
+3. `after_step` for the previous token (its routing was copied to the host behind its graph):
+   count hits and misses and admit hot missed units — host work that overlaps the graph now running.
+4. `read_routing`: queue the copy of this token's routing behind its graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from edgeprism.cache.direct import DirectCache
+from edgeprism.models.decoder import Decoder
+from edgeprism.runtime.graphs import DecodeStep
+
+
+class DirectDecode:
+    """`DecodeStep` over a `DirectCache`: one graph per token, cache upkeep between tokens."""
+
+    def __init__(self, model: Decoder, direct: DirectCache, device: torch.device, use_graphs: bool) -> None:
+        self.step = DecodeStep(model, device, use_graphs)
+        self.direct = direct
+        self.tokens = 0
+
+    @property
+    def use_graphs(self) -> bool:
+        return self.step.use_graphs
+
+    def __call__(self, token: int, pos: int) -> torch.Tensor:
+        """Logits [1, V] of `token` at position `pos` (the KV cache holds positions < pos)."""
+        d = self.direct
+        d.before_step()
+        out = self.step(token, pos)
+        self.tokens += 1
+        d.after_step(self.tokens)  # the previous token's routing, while this graph runs
+        d.read_routing()
+        return out

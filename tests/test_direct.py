@@ -1,0 +1,148 @@
+"""Zero-copy decode (`load(schedule="direct")`): one-token steps read uncached units from the host
+arena inside the grouped kernel, through a device-side map kept by `DirectCache`, and the cache
+admits hot misses between tokens. Where a unit is read from must never change what is computed:
+the decode logits and greedy tokens equal the fetch path's on every family, cache size and unit
+format, and the map never points at a slot that holds another unit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import VARIANTS
+
+import edgeprism
+from edgeprism.cache.keys import SubExpertKey
+from edgeprism.errors import ConfigError
+from edgeprism.moe.kernels import swiglu_unit
+from edgeprism.moe.quant import make_format
+from edgeprism.runtime.direct import DirectDecode
+
+NAMES = [v.name for v in VARIANTS]
+PROMPT = [5, 17, 99, 3, 42, 8, 77, 120, 61, 2, 33, 14]
+FED = [7, 64, 21, 90, 11, 3, 58, 36, 101, 12]
+
+
+def load_cpu(path, **kw):
+    kw.setdefault("cache_fraction", 0.25)
+    return edgeprism.load(path, device="cpu", dtype="fp32", prefill_chunk=4, **kw)
+
+
+def decode_logits(eng) -> torch.Tensor:
+    with eng._lock, torch.inference_mode():
+        eng._run(PROMPT, 0, last_only=True)
+        out = [eng._run([t], len(PROMPT) + i, last_only=True).float().clone() for i, t in enumerate(FED)]
+    return torch.stack(out)
+
+
+def check_map(eng) -> None:
+    """Every published map entry names the slot the table holds the unit in; nothing else is mapped."""
+    d = eng.experts.direct
+    eng.cache.table.check_invariants()
+    mapped = (d.host_map >= 0).nonzero().tolist()
+    for layer, e, g in mapped:
+        key = SubExpertKey(layer, e, g)
+        assert eng.cache.table.lookup(key) == int(d.host_map[layer, e, g]), key
+    assert len(mapped) == len(d._published)
+
+
+@pytest.fixture(scope="module")
+def fetched(checkpoints):
+    out = {}
+    for name, path in checkpoints.items():
+        eng = load_cpu(path)
+        out[name] = (decode_logits(eng), eng.generate_ids(PROMPT, max_new_tokens=12))
+        eng.close()
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("fraction", [0.25, 0.6])
+def test_direct_matches_the_fetch_path(checkpoints, fetched, name, fraction):
+    ref_logits, ref_tokens = fetched[name]
+    eng = load_cpu(checkpoints[name], schedule="direct", cache_fraction=fraction)
+    assert isinstance(eng.decode_step, DirectDecode) and eng.experts.direct is not None
+    torch.testing.assert_close(decode_logits(eng), ref_logits, rtol=1e-5, atol=1e-5)
+    assert eng.generate_ids(PROMPT, max_new_tokens=12) == ref_tokens
+    check_map(eng)
+    s = eng.stats()
+    d = eng.experts.direct
+    assert s["schedule"] == "direct" and d.misses > 0 and s["zero_copy_bytes"] == d.misses * s["unit_bytes"]
+    assert s["hits"] >= d.hits and d.admitted > 0  # misses were admitted into the cache between tokens
+    eng.close()
+
+
+def test_direct_with_groups_and_quantized_units(checkpoints):
+    """Sub-expert units (G = 2) and int8 units: the same tokens as the fetch path with the same format."""
+    path = checkpoints["qwen3moe-headdim"]
+    for kw in (dict(groups=2), dict(expert_dtype="int8", quant_cache=False)):
+        ref = load_cpu(path, **kw)
+        want = ref.generate_ids(PROMPT, max_new_tokens=16)
+        ref.close()
+        eng = load_cpu(path, schedule="direct", **kw)
+        assert eng.generate_ids(PROMPT, max_new_tokens=16) == want, kw
+        check_map(eng)
+        eng.close()
+
+
+def test_prefill_between_decodes_rebuilds_the_map(checkpoints, fetched):
+    """Prefill moves units through the acquire path; the next direct step must not trust the old map."""
+    eng = load_cpu(checkpoints["olmoe"], schedule="direct", cache_fraction=0.25)
+    d = eng.experts.direct
+    first = eng.generate_ids(PROMPT, max_new_tokens=6)
+    eng.generate_ids(list(reversed(PROMPT)) * 2, max_new_tokens=4)  # a different prompt moves units
+    assert d.stale is False  # its decode steps rebuilt the map after the prefill
+    check_map(eng)
+    assert eng.generate_ids(PROMPT, max_new_tokens=6) == first
+    check_map(eng)
+    eng.close()
+
+
+def test_admission_is_bounded_and_unpublishes_victims(checkpoints):
+    """Once the cache is full, at most `admit_units` units are admitted per token, and an evicted
+    unit leaves the map in the same step."""
+    eng = load_cpu(checkpoints["mixtral-gqa"], schedule="direct", cache_fraction=0.25)
+    d = eng.experts.direct
+    eng.generate_ids(PROMPT, max_new_tokens=4)
+    assert eng.cache.table.num_resident == eng.cache.num_slots  # prefill filled the cache
+    before = d.admitted
+    steps = 8
+    eng.generate_ids(PROMPT[:3], max_new_tokens=steps)
+    # the first step after prefill logs no routing yet; each later one admits ≤ admit_units
+    assert 0 < d.admitted - before <= steps * d.admit_units
+    check_map(eng)
+    eng.close()
+
+
+def test_direct_config_errors(checkpoints):
+    with pytest.raises(ConfigError, match="pin_memory"):
+        load_cpu(checkpoints["olmoe"], schedule="direct", pin_memory=False)
+    eng = load_cpu(checkpoints["olmoe"], schedule="direct", cache_fraction=1.0)  # everything resident
+    assert eng.experts.direct is None and eng.stats()["schedule"] == "fetch"
+    eng.close()
+
+
+@pytest.mark.parametrize("name", ["bf16", "int8", "int4"])
+def test_grouped_direct_reads_host_rows(name):
+    """Assignments with slot -1 read their host row; the result is bit-identical to `grouped` with
+    those units copied into the pool, and a unit of weight 0 contributes nothing."""
+    D, Ig, S, R = 128, 128, 4, 6
+    fmt = make_format(name, D, Ig, torch.float32)
+    g = torch.Generator().manual_seed(0)
+    rows_data = torch.stack([fmt.pack(torch.randn(Ig, D, generator=g) * 0.05, torch.randn(Ig, D, generator=g) * 0.05,
+                                      torch.randn(D, Ig, generator=g) * 0.05) for _ in range(R)])
+    pool = rows_data[[2, 0, 5, 1]].clone()  # slot s holds host row [2, 0, 5, 1][s]
+    x = torch.randn(2, D, generator=g)
+    slots = torch.tensor([1, -1, 3, -1, 0])
+    rows = torch.tensor([0, 4, 1, 3, 2])
+    tokens = torch.tensor([0, 0, 1, 1, 1])
+    w = torch.tensor([0.5, 0.25, 0.0, 0.75, 1.0])
+    got = fmt.grouped_direct(x, fmt.parts(pool), fmt.parts(rows_data), slots, rows, tokens, w)
+    full = torch.cat([pool, rows_data[[4, 3]]])  # the two host units copied into slots 4 and 5
+    want = fmt.grouped(x, fmt.parts(full), torch.tensor([1, 4, 3, 5, 0]), tokens, w)
+    assert torch.equal(got, want)
+    ref = torch.zeros_like(x)
+    for a, row in enumerate(rows.tolist()):
+        w13, w2 = fmt.dequantize(fmt.parts(rows_data), torch.tensor([row]))
+        ref[tokens[a]] += swiglu_unit(x[tokens[a]][None], w13[0], w2[0])[0] * w[a]
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
