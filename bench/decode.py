@@ -182,7 +182,7 @@ def run_edgeprism(source: Any, budget: float | None, args: argparse.Namespace, s
                stall_ms_per_token=s["stall_s"] * 1e3 / rec["tokens"],
                prefetch_bytes_used_per_token=s["prefetch_bytes_used"] / rec["tokens"],
                prefetch_bytes_wasted_per_token=s["prefetch_bytes_wasted"] / rec["tokens"],
-               schedule=s["schedule"], **(gen or {}),
+               schedule=s["schedule"], zero_copy_bytes_per_token=s["zero_copy_bytes"] / rec["tokens"], **(gen or {}),
                **({"keep_floor": table.keep_for_quality(gen["quality"]), "profile": str(args.profile)} if table else {}),
                **{k: s[k] for k in SCHED_KEYS if k in s})
     if device.type == "cuda":
@@ -202,6 +202,7 @@ SCHED_SYSTEMS = {  # system -> (load options, generation options)
     "edgeprism-cpu": ({"schedule": "cpu"}, {}),
     "edgeprism-hybrid": ({"schedule": "hybrid"}, {}),
     "edgeprism-hybrid-q0.95": ({"schedule": "hybrid"}, {"quality": 0.95}),
+    "edgeprism-direct": ({"schedule": "direct"}, {}),  # misses read by the kernels from pinned host RAM
 }
 
 

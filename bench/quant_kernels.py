@@ -202,7 +202,7 @@ def decode_sweep(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
             share = cache_share(48, budget, expert_dtype, args.context)
             sub = out / f"decode-{expert_dtype}-{budget:g}"
             argv = ["--geometry", "qwen3-30b-a3b", "--layers", str(args.layers), "--budgets", str(budget),
-                    "--systems", "edgeprism", "--expert-dtype", expert_dtype, "--cache-fraction", f"{share:.4f}",
+                    "--systems", args.systems, "--expert-dtype", expert_dtype, "--cache-fraction", f"{share:.4f}",
                     "--routing", args.routing, "--prompt-len", str(args.prompt_len), "--tokens", str(args.tokens),
                     "--context", str(args.context), "--out", str(sub)]
             decode.main(argv)
@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--systems", default="edgeprism", help="decode: bench/decode.py systems, comma-separated")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     out = Path(args.out)

@@ -50,8 +50,12 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--arena-gb", type=float, default=2.0)
     p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--tune-int4", action="store_true", help="only time int4 launch shapes on host rows")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.tune_int4:
+        (args.out / "tune_int4_host.json").write_text(json.dumps(tune_int4_host(), indent=1))
+        return
     dev = torch.device("cuda")
     rec = []
     # plain streaming read of 1 GiB, pinned host vs device
@@ -113,6 +117,49 @@ def main() -> None:
         print(rec[-1], flush=True)
         del arena, pool
     (args.out / "zerocopy_probe.json").write_text(json.dumps(rec, indent=1))
+
+
+
+
+def tune_int4_host(iters: int = 30) -> list[dict]:
+    """int4 launch shapes for units read from pinned host RAM (PCIe wants longer contiguous reads)."""
+    from edgeprism.moe import quant_triton as qt
+
+    dev = torch.device("cuda")
+    D, Ig = 2048, 768
+    fmt = make_format("int4", D, Ig, torch.bfloat16)
+    row = fmt.pack(*(torch.randn(*s, device=dev) * 0.02 for s in ((Ig, D), (Ig, D), (D, Ig)))).cpu()
+    rows = int(2 * 2**30 // fmt.unit_bytes)
+    arena = torch.empty(rows, fmt.row_numel, dtype=torch.uint8, pin_memory=True)
+    arena[:] = row
+    hp = fmt.parts(arena)
+    pool = torch.empty(8, fmt.row_numel, dtype=torch.uint8, device=dev)
+    dp = fmt.parts(pool)
+    x = torch.randn(1, D, device=dev, dtype=torch.bfloat16)
+    tokens = torch.zeros(8, dtype=torch.long, device=dev)
+    w = torch.full((8,), 0.125, device=dev, dtype=torch.bfloat16)
+    slots = torch.full((8,), -1, dtype=torch.long, device=dev)
+    g = torch.Generator().manual_seed(0)
+    picks = [torch.randperm(rows, generator=g)[:8].to(dev) for _ in range(iters)]
+    rec = []
+    for n13 in (8, 16, 32):
+        for k13 in (1, 2, 4):
+            for warps in (4, 8):
+                for n2, k2 in ((32, 1), (16, 2), (32, 2), (64, 1)):
+                    b = qt.Blocks(n13=n13, n2=n2, k13=k13, k2=k2, warps13=warps)
+                    it = iter(range(10**9))
+                    try:
+                        s = timed(lambda b=b, it=it: qt.grouped(x, dp, slots, tokens, w, int4=True, group_size=fmt.group_size,
+                                                                blocks=b, host=hp, rows=picks[next(it) % iters]), iters)
+                    except Exception as e:  # noqa: BLE001 - a shape Triton cannot compile
+                        print("skip", b, e)
+                        continue
+                    rec.append(dict(kind="tune_int4_host", n13=n13, k13=k13, warps13=warps, n2=n2, k2=k2,
+                                    us_per_layer=s * 1e6, gb_s=8 * fmt.unit_bytes / s / 1e9))
+    rec.sort(key=lambda r: r["us_per_layer"])
+    for r in rec[:8]:
+        print(r, flush=True)
+    return rec
 
 
 if __name__ == "__main__":

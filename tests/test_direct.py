@@ -126,7 +126,7 @@ def test_direct_config_errors(checkpoints):
 def test_grouped_direct_reads_host_rows(name):
     """Assignments with slot -1 read their host row; the result is bit-identical to `grouped` with
     those units copied into the pool, and a unit of weight 0 contributes nothing."""
-    D, Ig, S, R = 128, 128, 4, 6
+    D, Ig, R = 128, 128, 6
     fmt = make_format(name, D, Ig, torch.float32)
     g = torch.Generator().manual_seed(0)
     rows_data = torch.stack([fmt.pack(torch.randn(Ig, D, generator=g) * 0.05, torch.randn(Ig, D, generator=g) * 0.05,
