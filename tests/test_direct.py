@@ -146,3 +146,35 @@ def test_grouped_direct_reads_host_rows(name):
         w13, w2 = fmt.dequantize(fmt.parts(rows_data), torch.tensor([row]))
         ref[tokens[a]] += swiglu_unit(x[tokens[a]][None], w13[0], w2[0])[0] * w[a]
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def synthetic_cost(unit_bytes: int):
+    """CPU and PCIe priced alike, so the planner sends misses both ways (see test_misses.py)."""
+    from edgeprism.schedule.cost import CostModel
+
+    return CostModel(unit_bytes=unit_bytes, h2d_latency_s=1e-5, h2d_sizes=(4096, 1 << 20), h2d_bytes_per_s=(1e9, 1e9),
+                     cpu_call_s=1e-5, cpu_bytes_per_s=2e9, gpu_call_s=1e-5, gpu_unit_s=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mixtral-gqa", "qwen2moe-shared-tied", "olmoe"])
+def test_hybrid_reads_its_gpu_misses_in_place(checkpoints, fetched, name):
+    """With zero_copy (the default) the misses a hybrid plan gives the GPU are read from the host
+    arena in their own graph, not copied: same logits as the fetch path, and fewer bytes copied
+    than with zero_copy=False."""
+    ref_logits, ref_tokens = fetched[name]
+    stats = {}
+    for zero_copy in (True, False):
+        probe = load_cpu(checkpoints[name])
+        unit_bytes = probe.stats()["unit_bytes"]
+        probe.close()
+        eng = load_cpu(checkpoints[name], schedule="hybrid", cost=synthetic_cost(unit_bytes), zero_copy=zero_copy)
+        assert (eng.decode_step.host_parts is not None) == zero_copy
+        torch.testing.assert_close(decode_logits(eng), ref_logits, rtol=1e-4, atol=1e-4)
+        assert eng.generate_ids(PROMPT, max_new_tokens=12) == ref_tokens
+        stats[zero_copy] = eng.stats()
+        eng.cache.table.check_invariants()
+        eng.close()
+    on, off = stats[True], stats[False]
+    assert on["units_fetch"] > 0 and on["units_cpu"] > 0
+    assert on["zero_copy_bytes"] == on["units_fetch"] * on["unit_bytes"] and off["zero_copy_bytes"] == 0
+    assert on["bytes_h2d"] < off["bytes_h2d"]

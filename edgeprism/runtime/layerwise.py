@@ -24,6 +24,7 @@ from edgeprism.cache.keys import SubExpertKey
 from edgeprism.models.decoder import Decoder
 from edgeprism.moe.layer import MoEBlock
 from edgeprism.moe.offload import OffloadedExperts
+from edgeprism.moe.quant import Parts
 from edgeprism.prefetch.predictor import NextLayerPredictor, copy_budget, size_prediction
 from edgeprism.prefetch.prefetcher import Prefetcher
 from edgeprism.runtime.graphs import BUCKET
@@ -36,8 +37,15 @@ class LayerwiseDecode:
 
     def __init__(self, model: Decoder, experts: OffloadedExperts, fetch: Prefetcher, device: torch.device,
                  use_graphs: bool, lookahead: int = 0, predict_experts: int | None = None,
-                 sched: MissScheduler | None = None, copy_unit_s: float | None = None) -> None:
+                 sched: MissScheduler | None = None, copy_unit_s: float | None = None,
+                 host_parts: dict[int, Parts] | None = None) -> None:
         self.model, self.experts, self.fetch, self.device = model, experts, fetch, device
+        # With a scheduler and `host_parts` (views of the pinned host arenas), the misses the plan
+        # sends to the GPU are read in place by the kernels (zero-copy, cache/direct.py) instead of
+        # copied first, and a layer's GPU experts run as their own graph, launched before the host
+        # waits for the CPU units: GPU reads and CPU compute overlap.
+        self.host_parts = host_parts if sched is not None else None
+        self.direct_units = 0  # units read in place from host RAM
         # prefetch sizing: one unit's copy time and an EMA of a layer's time (host clock between two
         # layers' routing reads, which the host waits for), so a prefetch copies only what it can hide
         self.copy_unit_s, self.layer_s, self._served_at = copy_unit_s, None, None
@@ -72,7 +80,9 @@ class LayerwiseDecode:
         self.h = torch.zeros(2, 1, dim, dtype=dtype, device=dev)  # residual after attention, by parity
         self.xn = torch.zeros(2, 1, dim, dtype=dtype, device=dev)  # normed MoE input, by parity
         self.w_units = torch.zeros(2, kG, dtype=probe.dtype, device=dev)  # routing weight of each unit
-        self.slots = torch.zeros(kG, dtype=torch.long, device=dev)  # written by the host every layer
+        self.slots = torch.zeros(kG, dtype=torch.long, device=dev)  # written by the host every layer (-1: host row)
+        self.rows = torch.zeros(kG, dtype=torch.long, device=dev)  # host-arena rows of the units read in place
+        self.y_gpu = torch.zeros(1, dim, dtype=dtype, device=dev)  # the GPU units' output (split segments)
         self.unit_token = torch.zeros(kG, dtype=torch.long, device=dev)  # batch 1: every unit reads token 0
         C = self.predictor.num_candidates if self.predictor else 1
         self.route = torch.zeros(self.k, dtype=torch.long, device=dev)  # routed expert ids
@@ -84,6 +94,7 @@ class LayerwiseDecode:
         self.host_cand = torch.zeros(self.cand.shape, dtype=torch.long, pin_memory=pin)
         self.host_p = torch.zeros(self.cand_p.shape, dtype=torch.float32, pin_memory=pin)
         self.host_slots = torch.zeros(kG, dtype=torch.long, pin_memory=pin)
+        self.host_rows = torch.zeros(kG, dtype=torch.long, pin_memory=pin)
         # the scheduler's buffers: per unit a 0/1 scale (0: computed on the CPU or dropped), the CPU
         # path's partial output added to the layer's, and the host copies of the routing it plans on
         self.unit_scale = torch.ones(kG, dtype=probe.dtype, device=dev)
@@ -165,13 +176,17 @@ class LayerwiseDecode:
         weights = self.host_w.tolist()
         acts = self.sched.decide(keys, weights)
         self.fetch.settle(layer, keys)  # the prediction is scored against every routed unit
-        gpu = [i for i, a in enumerate(acts) if a in GPU_ACTIONS]
+        direct = [] if self.host_parts is None else [i for i, a in enumerate(acts) if a is Action.FETCH]
+        gpu = [i for i, a in enumerate(acts) if a in GPU_ACTIONS and not (direct and a is Action.FETCH)]
         cpu = [i for i, a in enumerate(acts) if a is Action.CPU]
         pending = self.sched.submit_cpu(self.host_xn, [keys[i] for i in cpu], [weights[i] for i in cpu]) if cpu else None
         held = [keys[i] for i in gpu]
         slots = self.fetch.acquire(held, step, layer) if held else []
         try:
-            self._write_slots(gpu, slots, len(keys))
+            self._write_slots(gpu, slots, len(keys), [(i, self.experts.cache.store.row(keys[i])) for i in direct])
+            if self.host_parts is not None:  # the GPU units run now, while the CPU computes its own
+                self.direct_units += len(direct)
+                self._replay(("experts", j), lambda: self._gpu_experts(j), "segment")
             if self.predictor is not None:  # prefetches go out while the CPU works
                 self._prefetch(j, experts, step, layer)
             self.fetch.admit(self.sched.admissions(keys, acts, weights), step, layer)  # behind the urgent copies
@@ -188,13 +203,22 @@ class LayerwiseDecode:
             raise
         return held
 
-    def _write_slots(self, gpu: list[int], slots: list[int], n: int) -> None:
+    def _write_slots(self, gpu: list[int], slots: list[int], n: int,
+                     direct: list[tuple[int, int]] | None = None) -> None:
         """Slot ids and 0/1 scales of a layer's n unit positions; positions not computed on the GPU
-        read a pinned slot (any slot if none) at weight 0 (pool slots always hold finite values)."""
+        read a pinned slot (any slot if none) at weight 0 (pool slots always hold finite values;
+        the kernels skip weight-0 units). `direct`: (position, host row) of units read in place
+        (slot -1)."""
         filler = slots[0] if slots else 0
         host_slots, scale = [filler] * n, [0.0] * n
         for i, slot in zip(gpu, slots):
             host_slots[i], scale[i] = slot, 1.0
+        if direct:
+            rows = [0] * n
+            for i, row in direct:
+                host_slots[i], rows[i], scale[i] = -1, row, 1.0
+            self.host_rows.copy_(torch.tensor(rows, dtype=torch.long))
+            self.rows.copy_(self.host_rows, non_blocking=True)
         self.host_slots.copy_(torch.tensor(host_slots, dtype=torch.long))
         self.host_scale.copy_(torch.tensor(scale))
         self.slots.copy_(self.host_slots, non_blocking=True)
@@ -263,6 +287,15 @@ class LayerwiseDecode:
             fn()
         self.graphs[key] = graph
 
+    def _gpu_experts(self, j: int) -> None:
+        """MoE layer j's GPU units (cached slots, or host rows read in place) into `y_gpu`."""
+        assert self.host_parts is not None
+        cur, cache = j % 2, self.experts.cache
+        w = self.w_units[cur] * self.unit_scale  # [kG]
+        y = cache.format.grouped_direct(self.xn[cur], cache.parts, self.host_parts[self.moe_layers[j]], self.slots,
+                                        self.rows, self.unit_token, w)
+        self.y_gpu.copy_(y)
+
     def _segment(self, j: int, length: int) -> None:
         """Experts of MoE layer j-1 -> dense layers -> attention and router of MoE layer j."""
         m, prev, cur = self.model, (j - 1) % 2, j % 2
@@ -271,11 +304,14 @@ class LayerwiseDecode:
             x, first = m.embed(self.token), 0  # [1, D]
         else:
             layer = self.moe_layers[j - 1]
-            cache = self.experts.cache  # format: dense or quantized units (moe/quant.py)
-            w = self.w_units[prev] if self.sched is None else self.w_units[prev] * self.unit_scale  # [kG]
-            y = cache.format.grouped(self.xn[prev], cache.parts, self.slots, self.unit_token, w)  # [1, D]
-            if self.sched is not None:
-                y = y + self.y_extra  # units computed on the CPU
+            if self.host_parts is not None:
+                y = self.y_gpu + self.y_extra  # the GPU units (their own graph, `_gpu_experts`) + the CPU's
+            else:
+                cache = self.experts.cache  # format: dense or quantized units (moe/quant.py)
+                w = self.w_units[prev] if self.sched is None else self.w_units[prev] * self.unit_scale  # [kG]
+                y = cache.format.grouped(self.xn[prev], cache.parts, self.slots, self.unit_token, w)  # [1, D]
+                if self.sched is not None:
+                    y = y + self.y_extra  # units computed on the CPU
             x, first = self.h[prev] + m.layers[layer].ffn.combine(self.xn[prev], y), layer + 1
         last = self.moe_layers[j] if j < self.M else len(m.layers)
         for block in m.layers[first:last]:

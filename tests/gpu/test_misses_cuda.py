@@ -30,11 +30,12 @@ def test_modes_match_the_fetch_path_on_cuda(checkpoints, name):
     unit_bytes = ref.stats()["unit_bytes"]
     ref.close()
     for mode in ("cpu", "hybrid"):
-        for prefetch in (False, True):
+        for prefetch, zero_copy in ((False, True), (True, True), (False, False)):
             eng = edgeprism.load(path, device="cuda", dtype="fp32", cache_fraction=0.3, schedule=mode, prefetch=prefetch,
-                                 cost=cheap_cpu(unit_bytes), cpu_threads=2)
+                                 cost=cheap_cpu(unit_bytes), cpu_threads=2, zero_copy=zero_copy)
             assert isinstance(eng.decode_step, LayerwiseDecode) and eng.sched is not None
-            assert eng.generate_ids(IDS, max_new_tokens=24) == want, (mode, prefetch)
+            assert (eng.decode_step.host_parts is not None) == zero_copy
+            assert eng.generate_ids(IDS, max_new_tokens=24) == want, (mode, prefetch, zero_copy)
             s = eng.stats()
             assert s["units_cpu"] > 0 and s["units_drop"] == 0, (mode, prefetch, s)
             eng.cache.table.check_invariants()
