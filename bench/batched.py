@@ -119,9 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     counts = {"tokens": 0, "prompt_tokens": 0, "forward_tokens": 0}
     prompts = prompts_for(2 * max(args.batches), args.prompt_len, engine.spec.vocab_size)
     runs = [("edgeprism-batched", b, None) for b in args.batches]
-    runs += [("edgeprism-batched-slo", max(args.batches), args.latency_ms)] if args.latency_ms else []
+    runs += [("edgeprism-batched-slo", None, args.latency_ms)] if args.latency_ms else []
     records = []
     for system, batch, latency in runs:
+        if batch is None:  # the controller may grow to the largest batch that ran (the KV budget refuses more)
+            fitted = [r["batch"] for r in records if r["system"] == "edgeprism-batched"]
+            if not fitted:
+                print("skip the latency run: no fixed batch fitted the budget", file=sys.stderr)
+                continue
+            batch = max(fitted)
         n = batch if latency is None else len(prompts)  # fixed batch: exactly `batch` sequences throughout
         try:
             rec = {"system": system, "batch": batch, "latency_ms": latency,
