@@ -200,8 +200,8 @@ SCHED_KEYS = ("units_hit", "units_wait", "units_fetch", "units_cpu", "units_drop
 SCHED_SYSTEMS = {  # system -> (load options, generation options)
     "edgeprism-fetch": ({"schedule": "fetch"}, {}),
     "edgeprism-cpu": ({"schedule": "cpu"}, {}),
-    "edgeprism-hybrid": ({"schedule": "hybrid"}, {}),  # zero_copy: the GPU's misses read in place
-    "edgeprism-hybrid-copy": ({"schedule": "hybrid", "zero_copy": False}, {}),  # ... copied in first
+    "edgeprism-hybrid": ({"schedule": "hybrid"}, {}),  # the GPU's misses copied into the cache
+    "edgeprism-hybrid-zc": ({"schedule": "hybrid", "zero_copy": True}, {}),  # ... read in place instead
     "edgeprism-hybrid-q0.95": ({"schedule": "hybrid"}, {"quality": 0.95}),
     "edgeprism-direct": ({"schedule": "direct"}, {}),  # misses read by the kernels from pinned host RAM
 }

@@ -625,7 +625,7 @@ def load(model: str | os.PathLike | MemoryCheckpoint | None = None, vram_gb: flo
          gather_limit: int = 256 * 2**20, cuda_graphs: bool = True, prefetch: bool = False, lookahead: int = 1,
          predict_experts: int | None = None, schedule: str = "fetch", cpu_threads: int | None = None,
          cost: CostModel | None = None, recalibrate: bool = False, adaptive_cache: bool = False,
-         quant_cache: bool = True, zero_copy: bool = True, progress: Progress | None = None) -> Engine:
+         quant_cache: bool = True, zero_copy: bool = False, progress: Progress | None = None) -> Engine:
     """Load a Hugging Face MoE checkpoint directory (None = the embedded default model), or an
     in-memory `MemoryCheckpoint`.
 
@@ -656,9 +656,10 @@ def load(model: str | os.PathLike | MemoryCheckpoint | None = None, vram_gb: flo
     "direct" keeps a device-side map of the cached units and lets the kernels read every other unit
     straight from pinned host RAM over PCIe (zero-copy, ~50 GB/s on an H100 box, as fast as a copy):
     a decode token is then one CUDA graph with no host step between layers, and hot misses are
-    copied into the cache between tokens. With "cpu"/"hybrid", `zero_copy` (default True) has the
-    GPU read the misses the plan gives it in place too, and runs a layer's GPU units while the CPU
-    computes its own; False copies them into the cache first (the older path).
+    copied into the cache between tokens. With "cpu"/"hybrid", `zero_copy=True` has the GPU read the
+    misses the plan gives it in place too, and runs a layer's GPU units while the CPU computes its
+    own; off by default, because units read in place never enter the cache, and with a skewed
+    routing that cost ~20% against copying them in (bench/results/2026-11-23-h100-direct/).
     `adaptive_cache=True` gives each MoE layer a soft share of the expert cache, re-solved every 256
     decode tokens from the layers' measured LRU hit curves (MoEpic-style; schedule/adaptive.py).
     """

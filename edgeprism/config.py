@@ -193,7 +193,7 @@ class EngineConfig:
     cpu_threads: int | None = None  # threads of the CPU expert path (None = CPUs − 1)
     adaptive_cache: bool = False  # per-layer cache shares re-solved from measured hit curves (schedule/adaptive.py)
     quant_cache: bool = True  # read/write quantized experts from/to disk (cache/quant_store.py)
-    zero_copy: bool = True  # cpu/hybrid: the GPU reads the plan's misses in place from pinned host RAM
+    zero_copy: bool = False  # cpu/hybrid: the GPU reads the plan's misses in place from pinned host RAM (opt-in)
 
     def __post_init__(self) -> None:
         if self.vram_gb is not None and not self.vram_gb > 0:

@@ -158,7 +158,7 @@ def synthetic_cost(unit_bytes: int):
 
 @pytest.mark.parametrize("name", ["mixtral-gqa", "qwen2moe-shared-tied", "olmoe"])
 def test_hybrid_reads_its_gpu_misses_in_place(checkpoints, fetched, name):
-    """With zero_copy (the default) the misses a hybrid plan gives the GPU are read from the host
+    """With zero_copy=True the misses a hybrid plan gives the GPU are read from the host
     arena in their own graph, not copied: same logits as the fetch path, and fewer bytes copied
     than with zero_copy=False."""
     ref_logits, ref_tokens = fetched[name]
