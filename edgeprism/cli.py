@@ -28,8 +28,9 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
                    help="routed experts stored as bf16, fp16, fp32, int8 or int4 (default: --dtype)")
     p.add_argument("--policy", default="lru", help="expert cache policy: lru, lfu or activation")
     p.add_argument("--max-context", type=int, default=4096, help="tokens of context to reserve KV cache for")
-    p.add_argument("--schedule", default="fetch", choices=["fetch", "cpu", "hybrid"],
-                   help="cache misses in decode: copy to the GPU, compute on the CPU, or choose per layer")
+    p.add_argument("--schedule", default="fetch", choices=["fetch", "cpu", "hybrid", "direct"],
+                   help="cache misses in decode: copy to the GPU, compute on the CPU, choose per layer, or have "
+                   "the GPU read them in place from pinned host RAM (direct)")
     p.add_argument("--cpu-threads", type=int, default=None, help="threads of the CPU expert path (default CPUs − 1)")
     p.add_argument("--groups", type=int, default=None, help="sub-experts per expert (default 1, or a refactored "
                    "model's own)")
