@@ -14,6 +14,7 @@ import torch
 from conftest import VARIANTS
 
 import edgeprism
+from edgeprism.cache.keys import SubExpertKey
 from edgeprism.errors import ConfigError
 from edgeprism.schedule.cost import CostModel
 
@@ -256,4 +257,38 @@ def test_decode_reprices_from_its_own_cpu_calls(checkpoints, fetched):
     assert eng.stats()["cpu_calls"] > 0
     assert eng.sched.cost is not eng.sched.calibrated
     assert eng.sched.cost.cpu_bytes_per_s != eng.sched.calibrated.cpu_bytes_per_s
+    eng.close()
+
+
+def test_a_priced_out_cpu_is_probed_again(checkpoints, fetched):
+    """A CPU priced out by the fit (the planner fetches every miss) still gets one fetched miss every
+    PROBE_EVERY layers, so its price is re-measured: when the CPU is in fact fast, the fit follows and
+    the planner sends it misses again. Outputs stay the fetch path's; a given cost model is not probed."""
+    from edgeprism.schedule import misses
+
+    unit_bytes = fetched["olmoe"][2]
+    eng = load_cpu(checkpoints["olmoe"], schedule="hybrid", cost=synthetic_cost(unit_bytes, cpu_gbps=0.001))
+    torch.testing.assert_close(decode_logits(eng), fetched["olmoe"][0], rtol=1e-4, atol=1e-4)
+    assert eng.stats()["cpu_probes"] == 0 and eng.stats()["units_cpu"] == 0  # given prices: no exploration
+    eng.close()
+
+    eng = load_cpu(checkpoints["olmoe"], schedule="hybrid", cost=synthetic_cost(unit_bytes, cpu_gbps=0.001))
+    eng.sched.learn = True  # as for a measured cost model
+    s = eng.sched
+    fetched_layers = 0
+    keys = [SubExpertKey(1, e, 0) for e in (3, 5)]
+    for _ in range(3 * misses.PROBE_EVERY):  # a synthetic layer: two misses, both fetched at this CPU price
+        for key in keys:
+            eng.fetch.table.discard(key)
+        acts = s.decide(keys, [0.7, 0.3])
+        fetched_layers += 1
+        if misses.Action.CPU in acts:
+            assert acts == [misses.Action.FETCH, misses.Action.CPU]  # the lower-weighted miss is the probe
+            assert fetched_layers == misses.PROBE_EVERY
+            fetched_layers = 0
+    assert s.stats.cpu_probes == 3
+    calibrated = s.cost.cpu_bytes_per_s
+    for _ in range(50):  # the probes measure a CPU 50x faster than priced: the fit moves up (to its bound)
+        s.observe_cpu(unit_bytes, s.cost.cpu_call_s + unit_bytes / (50 * calibrated))
+    assert s.cost.cpu_bytes_per_s > calibrated
     eng.close()

@@ -27,6 +27,12 @@ original; a cost model passed to `load(cost=...)` is kept as given). On the H100
 cost ~0.6 ms in decode against 0.18 ms calibrated. The fit runs after the call's result is handed
 over (a done-callback on the worker), off the layer's critical path.
 
+Exploration: a fit that priced the CPU out gets no more samples, so it could never see the CPU get
+faster again (measured on the H100 box: at 8 GB the fit sent 0 units to the CPU, where CPU-only was
+the fastest mode). After `PROBE_EVERY` planned layers that fetched misses but computed none on the
+CPU, the lowest-weighted fetched miss of the next such layer goes to the CPU instead (one small call;
+`stats.cpu_probes` counts them), which feeds the fit a fresh measurement.
+
 Residency comes from the prefetcher's host-side model of the copy engine (`Prefetcher.residency`):
 a unit whose copy was issued and has not landed yet is in flight, with its predicted ready time.
 """
@@ -54,6 +60,7 @@ GPU_ACTIONS = (Action.HIT, Action.WAIT, Action.FETCH)
 CPU_EMA = 0.1  # weight of the newest CPU call in the fit of the CPU price (older calls decay by 1 - CPU_EMA)
 CPU_RATE_BOUNDS = (0.1, 2.0)  # the measured rate is kept within these multiples of the calibrated one
 CPU_CALL_MAX_S = 2e-3  # the measured per-call overhead is kept within [0, this]
+PROBE_EVERY = 32  # hybrid, learning: after this many planned layers with misses but no CPU unit, probe the CPU
 _NO_PLAN = {Residency.RESIDENT: Action.HIT, Residency.INFLIGHT: Action.WAIT}  # misses: the CPU
 
 
@@ -63,6 +70,7 @@ class MissStats:
 
     actions: dict[str, int] = field(default_factory=lambda: {a.value: 0 for a in Action})
     cpu_calls: int = 0
+    cpu_probes: int = 0  # fetched misses sent to the CPU to re-measure its price (exploration)
     admitted: int = 0  # CPU units also copied into the cache for later tokens
     cpu_bytes: int = 0  # bytes of stored unit rows the CPU path read
     cpu_s: float = 0.0  # wall time of the CPU calls, on the worker thread
@@ -73,7 +81,8 @@ class MissStats:
     def as_dict(self) -> dict[str, float | int | None]:
         return {
             **{f"units_{name}": n for name, n in self.actions.items()},
-            "units_admitted": self.admitted, "cpu_calls": self.cpu_calls, "cpu_bytes": self.cpu_bytes, "cpu_s": self.cpu_s,
+            "units_admitted": self.admitted, "cpu_calls": self.cpu_calls, "cpu_probes": self.cpu_probes,
+            "cpu_bytes": self.cpu_bytes, "cpu_s": self.cpu_s,
             "cpu_gbps": self.cpu_bytes / self.cpu_s / 1e9 if self.cpu_s > 0 else None,
             "mass_kept": self.mass_kept / self.mass_routed if self.mass_routed > 0 else None,
         }
@@ -101,6 +110,7 @@ class MissScheduler:
         self._prices = (cost.copy_unit_s, cost.cpu_call_s, cost.cpu_unit_s)  # properties: computed once
         self._gpu_s = 0.0  # the GPU term of a layer (its k·G units), set by `set_units`
         self._pool: ThreadPoolExecutor | None = None
+        self._since_cpu = 0  # planned layers with fetched misses and no CPU unit since the last CPU unit
 
     def set_units(self, n: int) -> None:
         """The number of units a decode layer computes (k·G): the GPU term of every plan."""
@@ -144,10 +154,28 @@ class MissScheduler:
             self.stats.planned_s += p.latency_s
             self._gap_s = max(0.0, p.cpu_s - p.copy_s)
             self._idle = self._idle and p.count(Action.FETCH) == 0
+        if self.mode == "hybrid" and self.learn:
+            acts = self._explore(keys, weights, acts)
         for a in acts:
             self.stats.actions[a.value] += 1
         self.stats.mass_kept += kept
         return acts
+
+    def _explore(self, keys: Sequence[SubExpertKey], weights: Sequence[float], acts: list[Action]) -> list[Action]:
+        """Send one fetched miss to the CPU when the CPU has had none for `PROBE_EVERY` such layers."""
+        if Action.CPU in acts:
+            self._since_cpu = 0
+            return acts
+        fetched = [i for i, a in enumerate(acts) if a is Action.FETCH]
+        if not fetched:
+            return acts
+        self._since_cpu += 1
+        if self._since_cpu < PROBE_EVERY:
+            return acts
+        self._since_cpu = 0
+        probe = min(fetched, key=lambda i: (weights[i], keys[i]))
+        self.stats.cpu_probes += 1
+        return [Action.CPU if i == probe else a for i, a in enumerate(acts)]
 
     def admissions(self, keys: Sequence[SubExpertKey], acts: Sequence[Action],
                    weights: Sequence[float]) -> list[SubExpertKey]:
