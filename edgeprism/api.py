@@ -369,8 +369,8 @@ class Engine:
                              "load the model with schedule='hybrid'.")
         if self.sched is None:
             return None  # nothing can miss (every expert resident): the fastest plan is already exact
-        table = self.operating_points() if quality is not None else None
-        return QosController(len(self.spec.moe_layers), latency_ms=latency_ms, quality=quality, table=table)
+        return QosController(len(self.spec.moe_layers), latency_ms=latency_ms, quality=quality,
+                             table=self.operating_points())
 
     def operating_points(self) -> OperatingPoints | None:
         """The model's profiled quality/latency table for this budget (`edgeprism profile`), if any."""

@@ -384,3 +384,25 @@ def test_a_single_outlier_does_not_wreck_it(tokens, span):
     assert abs(statistics.mean(hit.kept[101:]) - statistics.mean(calm.kept[101:])) <= 0.02
     after = hit.steps[101:]
     assert abs(p95(after) - target) <= 0.10 * target
+
+
+def test_plateau_keep():
+    """The highest keep within 5% of the fastest measured latency (dropping below it bought nothing)."""
+    t = table((1.0, 1.0, 20.0), (0.9, 0.97, 15.0), (0.8, 0.93, 12.2), (0.7, 0.9, 11.9), (0.5, 0.8, 11.8))
+    assert t.plateau_keep() == 0.8  # 12.2 ≤ 1.05 × 11.8; 15.0 is not
+    assert table((1.0, 1.0, 20.0)).plateau_keep() == 1.0
+    assert table((1.0, 1.0, 10.0), (0.5, 0.8, 10.2)).plateau_keep() == 1.0  # dropping never paid
+
+
+def test_latency_floor_from_the_table(tokens, span):
+    """With a table, latency mode's floor is its plateau keep, not 0.5: an unreachable target pins the
+    plans there (the least quality loss that still runs as fast as the table says anything can)."""
+    t = table((1.0, 1.0, 20.0), (0.9, 0.97, 15.0), (0.8, 0.93, 12.2), (0.5, 0.8, 11.8))
+    target = target_at(span, 0.5)
+    with_table = QosController(LAYERS, latency_ms=target * 1e3, table=t)
+    assert with_table.targets()[0] == 0.8
+    slow = simulate(with_table, tokens, overhead_s=12e-3)  # unreachable: pinned at the floor
+    assert min(slow.kept[WARMUP:]) >= 0.8 - 1e-9
+    plain = simulate(QosController(LAYERS, latency_ms=target * 1e3), tokens, overhead_s=12e-3)
+    assert statistics.mean(slow.kept[WARMUP:]) > statistics.mean(plain.kept[WARMUP:])
+    assert QosController(LAYERS, latency_ms=50.0, table=t, min_keep=0.9).targets()[0] == 0.9  # min_keep still binds

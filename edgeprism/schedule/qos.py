@@ -10,7 +10,9 @@ optional `budget_s`; this module chooses those two numbers per token, from a use
 - **latency** (ms per token): `QosController` adapts one per-layer `budget_s` from the measured step
   times so that steps sit near the target with the least quality loss (the planner with a budget
   keeps the most mass that fits); `keep` is only the floor `min_keep` (default 0.5: never drop more
-  than half the mass to chase a latency).
+  than half the mass to chase a latency), raised by a table to the highest keep whose measured
+  latency is within 5% of the fastest point's (`OperatingPoints.plateau_keep`): dropping more would
+  cost quality and buy no speed, so an unreachable target pins the floor there, not at 0.5.
 
 The table is measured by `profile(measure, keeps)` (the engine supplies `measure(keep) -> (quality,
 ms_per_token)`), saved as JSON beside the model (`OperatingPoints.default_path`). Everything here is
@@ -73,6 +75,7 @@ log = logging.getLogger(__name__)
 
 PROFILE_VERSION = 1
 DEFAULT_KEEPS = (1.0, 0.98, 0.95, 0.9, 0.85, 0.8)
+PLATEAU_TOL = 0.05  # latency within this share of the fastest point counts as no faster (plateau_keep)
 WINDOW = 64  # step times kept for summary()'s percentiles
 GAIN = 0.25  # share of the filtered error corrected per token
 MEDIAN_OF = 3  # errors in the outlier filter
@@ -138,6 +141,13 @@ class OperatingPoints:
                 break
             keep = p.keep
         return keep
+
+    def plateau_keep(self, tolerance: float = PLATEAU_TOL) -> float:
+        """The highest keep whose measured latency is within `tolerance` of the fastest point's: below
+        it, dropping more mass bought no measured speed, only quality loss. Latency mode uses it as
+        its floor, so an unreachable target does not push the planner to drop for nothing."""
+        fastest = min(p.ms_per_token for p in self.points)
+        return max(p.keep for p in self.points if p.ms_per_token <= fastest * (1.0 + tolerance))
 
     def to_json(self) -> dict:
         return {"version": PROFILE_VERSION, "vram_gb": self.vram_gb, "device": self.device,
@@ -235,7 +245,9 @@ class QosController:
 
     Quality mode is fixed (table or proxy, see the module docstring); latency mode adapts the budget
     from `observe`d step times so that the `percentile` step time sits at `latency_ms`. `min_keep` is
-    the floor of latency mode; `table` is used by quality mode; `window` steps feed the percentiles.
+    the floor of latency mode, raised to `table.plateau_keep()` when a table is given (dropping below
+    it measured no faster); quality mode maps its target through `table`; `window` steps feed the
+    percentiles.
     """
 
     def __init__(self, layers: int, *, latency_ms: float | None = None, quality: float | None = None,
@@ -259,7 +271,10 @@ class QosController:
         self.latency_s = None if latency_ms is None else latency_ms / 1e3
         self.quality = quality
         self.percentile = percentile
-        self.keep = min_keep if quality is None else (quality if table is None else table.keep_for_quality(quality))
+        if quality is not None:
+            self.keep = quality if table is None else table.keep_for_quality(quality)
+        else:  # latency: never below min_keep, nor below where the table shows dropping stops paying
+            self.keep = min_keep if table is None else max(min_keep, table.plateau_keep())
         self.tokens = 0
         self._steps: deque[float] = deque(maxlen=window)  # seconds, for summary()
         self._tail_steps: deque[float] = deque(maxlen=window)  # the same, since the budget left a bound
