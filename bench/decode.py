@@ -196,8 +196,7 @@ def run_edgeprism(source: Any, budget: float | None, args: argparse.Namespace, s
 
 
 SCHED_KEYS = ("units_hit", "units_wait", "units_fetch", "units_cpu", "units_drop", "cpu_calls", "cpu_probes", "cpu_bytes",
-              "cpu_s",
-              "cpu_gbps", "mass_kept")
+              "cpu_s", "cpu_gbps", "mass_kept")
 SCHED_SYSTEMS = {  # system -> (load options, generation options)
     "edgeprism-fetch": ({"schedule": "fetch"}, {}),
     "edgeprism-cpu": ({"schedule": "cpu"}, {}),
