@@ -204,6 +204,7 @@ SCHED_SYSTEMS = {  # system -> (load options, generation options)
     "edgeprism-hybrid-zc": ({"schedule": "hybrid", "zero_copy": True}, {}),  # ... read in place instead
     "edgeprism-hybrid-q0.95": ({"schedule": "hybrid"}, {"quality": 0.95}),
     "edgeprism-direct": ({"schedule": "direct"}, {}),  # misses read by the kernels from pinned host RAM
+    "edgeprism-direct-q0.95": ({"schedule": "direct"}, {"quality": 0.95}),  # ... dropping low-weighted misses
 }
 
 

@@ -364,9 +364,13 @@ class Engine:
         """The controller that sets the scheduler's quality floor and latency budget per token."""
         if quality is None and latency_ms is None:
             return None
+        if self.config.schedule == "direct" and latency_ms is None:
+            if self.experts.direct is None:
+                return None  # nothing is read from the host: nothing to drop
+            return QosController(len(self.spec.moe_layers), quality=quality, table=self.operating_points())
         if self.config.schedule != "hybrid":
-            raise InputError("quality= and latency_ms= trade quality for speed through the hybrid scheduler; "
-                             "load the model with schedule='hybrid'.")
+            raise InputError("latency_ms= needs schedule='hybrid' (and quality= needs 'hybrid' or 'direct'): they "
+                             "trade quality for speed by dropping cache misses; load the model with one of those.")
         if self.sched is None:
             return None  # nothing can miss (every expert resident): the fastest plan is already exact
         return QosController(len(self.spec.moe_layers), latency_ms=latency_ms, quality=quality,
@@ -411,7 +415,13 @@ class Engine:
 
     def _step(self, tok: int, pos: int, keep: float, qos: QosController | None) -> torch.Tensor:
         """One decode step under this call's quality/latency settings; the controller sees its time."""
-        sched = self.sched
+        sched, direct = self.sched, self.experts.direct
+        if direct is not None:  # quality mode only: a fixed floor for the in-graph dropping of misses
+            direct.set_floor(qos.targets()[0] if qos is not None else 1.0)
+            try:
+                return self._run([tok], pos, last_only=True, keep=keep)
+            finally:
+                direct.set_floor(1.0)
         if sched is None:
             return self._run([tok], pos, last_only=True, keep=keep)
         sched.keep, sched.budget_s = qos.targets() if qos is not None else (1.0, None)
@@ -537,6 +547,9 @@ class Engine:
         table, spec = self.cache.table, self.spec
         routed = self._counts["forward_tokens"] * len(spec.moe_layers) * spec.top_k * self.config.groups
         dropped = int(self.gate.units_dropped)  # skipped by keep < 1: never copied nor computed
+        direct = self.experts.direct
+        if direct is not None:  # misses dropped under a quality floor (schedule="direct")
+            dropped += direct.dropped
         hits, misses = table.hits, table.misses
         if self.experts.slot_map is not None:  # static cache: every computed unit is a hit (no counting on the hot path)
             hits += routed - dropped
@@ -561,6 +574,9 @@ class Engine:
             "schedule": (self.config.schedule if self.sched is not None
                          else "direct" if self.experts.direct is not None else "fetch"),
             "zero_copy_bytes": self._zero_copy_units() * self.plan.unit_bytes,
+            **({"units_drop": direct.dropped,
+                "mass_kept": direct.mass_kept / direct.mass_routed if direct.mass_routed > 0 else None}
+               if direct is not None else {}),
             **(self.sched.stats.as_dict() if self.sched is not None else {}),
             "adaptive_cache": self.adaptive.summary() if self.adaptive is not None else None,
         }
@@ -581,7 +597,8 @@ class Engine:
                 self.sched.reset_stats()
             if self.experts.direct is not None:
                 d = self.experts.direct
-                d.hits = d.misses = d.admitted = 0
+                d.hits = d.misses = d.admitted = d.dropped = 0
+                d.mass_kept = d.mass_routed = 0.0
             if isinstance(self.decode_step, LayerwiseDecode):
                 self.decode_step.direct_units = 0
             self._counts = {"tokens": 0, "prompt_tokens": 0, "forward_tokens": 0}

@@ -178,3 +178,46 @@ def test_hybrid_reads_its_gpu_misses_in_place(checkpoints, fetched, name):
     assert on["units_fetch"] > 0 and on["units_cpu"] > 0
     assert on["zero_copy_bytes"] == on["units_fetch"] * on["unit_bytes"] and off["zero_copy_bytes"] == 0
     assert on["bytes_h2d"] < off["bytes_h2d"]
+
+
+def test_drop_misses_keeps_the_floor_and_never_drops_a_hit():
+    """The in-graph quality floor: the lowest-weighted misses go first, while the dropped mass stays
+    within (1 − floor) of the routed mass; cached units (slot ≥ 0) always stay; floor 1 drops nothing."""
+    from types import SimpleNamespace
+
+    from edgeprism.cache.direct import DirectCache
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        A = 1 + trial % 12
+        w = torch.rand(A, generator=g) + 0.01
+        slots = torch.where(torch.rand(A, generator=g) < 0.5, torch.arange(A), torch.full((A,), -1))
+        floor = float(torch.rand((), generator=g)) if trial % 5 else 1.0
+        d = SimpleNamespace(floor=torch.tensor(floor), layer_stats=torch.zeros(1, 3))
+        kept = DirectCache.drop_misses(d, 0, slots, w)
+        drop = kept == 0
+        assert not (drop & (slots >= 0)).any()
+        assert kept[~drop].equal(w[~drop])
+        assert float(w[drop].sum()) <= (1 - floor) * float(w.sum()) + 1e-6
+        # greedy: the next miss by weight would have broken the floor
+        left = sorted(float(x) for x in w[(slots < 0) & ~drop])
+        if left:
+            assert float(w[drop].sum()) + left[0] > (1 - floor) * float(w.sum()) - 1e-6
+        assert d.layer_stats[0].tolist() == pytest.approx([float(drop.sum()), float(kept.sum()), float(w.sum())])
+        if floor == 1.0:
+            assert not drop.any()
+
+
+def test_quality_with_direct_drops_misses_for_the_call_only(checkpoints, fetched):
+    """generate(quality=) on schedule="direct": the lossy graphs drop misses at the floor (no table:
+    quality is the mass floor), the stats count them, and the next exact call is the fetch path's again."""
+    eng = load_cpu(checkpoints["mixtral-gqa"], schedule="direct", cache_fraction=0.25)
+    out = eng.generate_ids(PROMPT, max_new_tokens=16, quality=0.7)
+    s = eng.stats()
+    assert len(out) == 16 and s["units_drop"] > 0 and s["units_dropped"] >= s["units_drop"]
+    assert s["mass_kept"] >= 0.7 - 1e-6
+    assert eng.experts.direct.lossy is False and eng.decode_step._lossy is not None
+    assert eng.generate_ids(PROMPT, max_new_tokens=12) == fetched["mixtral-gqa"][1]
+    with pytest.raises(edgeprism.errors.InputError, match="latency_ms"):
+        eng.generate_ids(PROMPT, max_new_tokens=2, latency_ms=50)
+    eng.close()

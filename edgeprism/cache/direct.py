@@ -22,6 +22,12 @@ protocol keeps every slot read safe without pins:
 
 Admissions are bounded (`admit_units` per token once the cache is full, the most-routed missed units
 first) because every admitted unit costs a copy over the same PCIe link the misses are read over.
+
+Quality floor (`floor` < 1, from `generate(..., quality=)`): inside the graph, each layer drops its
+lowest-weighted *missed* units while the dropped routing mass stays within (1 − floor) of the
+layer's total, as the hybrid planner does (a cached unit is never dropped: it costs no PCIe). A
+dropped unit's weight is 0, and the kernels read nothing for it. The dropping ops run only in the
+graphs captured for a floor < 1 (`lossy`), so exact decode pays nothing for them.
 """
 
 from __future__ import annotations
@@ -62,6 +68,13 @@ class DirectCache:
         self._inc = 1.0
         self.stale = True  # the map must be rebuilt from the table before the next direct step
         self.hits = self.misses = self.admitted = 0
+        # quality floor: read by the lossy graphs; per layer [dropped units, kept mass, routed mass]
+        self.floor = torch.ones((), dtype=torch.float32, device=self.device)
+        self.lossy = False  # the graph being run/captured drops misses under `floor`
+        self.layer_stats = torch.zeros(L, 3, dtype=torch.float32, device=self.device)
+        self._host_stats = torch.zeros(L, 3, dtype=torch.float32, pin_memory=cuda)
+        self._logged_lossy = False
+        self.dropped, self.mass_kept, self.mass_routed = 0, 0.0, 0.0
 
     # ----- inside the graph -----
 
@@ -70,6 +83,26 @@ class DirectCache:
         and its routing recorded for the host. Device ops only (graph-safe)."""
         self.route_log[layer].copy_(ids.reshape(-1))
         return self.dev_map[layer][ids].reshape(-1), self.rows[ids].reshape(-1)
+
+    def drop_misses(self, layer: int, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """`weights` [A] with the lowest-weighted misses (slot < 0) zeroed while the dropped mass stays
+        ≤ (1 − floor) × the layer's routed mass; records the layer's counts. Device ops only."""
+        w = weights.float()
+        total = w.sum()
+        inf = torch.full_like(w, float("inf"))
+        order_w, order = torch.where(slots < 0, w, inf).sort()
+        finite = order_w.isfinite()
+        within = order_w.masked_fill(~finite, 0.0).cumsum(0) <= (1.0 - self.floor) * total
+        drop = torch.zeros_like(finite).scatter(0, order, finite & within)
+        kept = w.masked_fill(drop, 0.0)
+        self.layer_stats[layer].copy_(torch.stack((drop.sum().float(), kept.sum(), total)))
+        return kept.to(weights.dtype)
+
+    def set_floor(self, floor: float) -> None:
+        """The kept-mass floor of the next steps (1.0 = exact: the graphs without dropping run)."""
+        self.lossy = floor < 1.0
+        if self.lossy:
+            self.floor.fill_(floor)
 
     # ----- at the step boundaries (host) -----
 
@@ -88,6 +121,9 @@ class DirectCache:
     def read_routing(self) -> None:
         """Queue the copy of the step's routing to the host (right after its graph)."""
         self._host_route.copy_(self.route_log, non_blocking=self._route_copied is not None)
+        self._logged_lossy = self.lossy
+        if self.lossy:
+            self._host_stats.copy_(self.layer_stats, non_blocking=self._route_copied is not None)
         if self._route_copied is not None:
             self._route_copied.record()
         self._logged = True
@@ -102,6 +138,11 @@ class DirectCache:
         if self._route_copied is not None:
             self._route_copied.synchronize()  # queued before the running graph: already done
         routes = self._host_route.tolist()
+        if self._logged_lossy:
+            dropped, kept, routed = (sum(col) for col in zip(*(self._host_stats[layer].tolist() for layer in self.layers)))
+            self.dropped += round(dropped)
+            self.mass_kept += kept
+            self.mass_routed += routed
         G, published, hits, missed = self.groups, self._published, [], []
         for layer in self.layers:
             for e in routes[layer]:

@@ -116,6 +116,8 @@ class OffloadedExperts:
             direct.before_step()
         slots, rows = direct.lookup(layer, ids)
         tokens, w = self._expand(x, ids, weights, units)
+        if direct.lossy:
+            w = direct.drop_misses(layer, slots, w)
         return self.cache.format.grouped_direct(x, self.cache.parts, direct.host_parts[layer], slots, rows, tokens, w)
 
     def _gathered(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,

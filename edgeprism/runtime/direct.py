@@ -26,13 +26,23 @@ class DirectDecode:
     """`DecodeStep` over a `DirectCache`: one graph per token, cache upkeep between tokens."""
 
     def __init__(self, model: Decoder, direct: DirectCache, device: torch.device, use_graphs: bool) -> None:
-        self.step = DecodeStep(model, device, use_graphs)
-        self.direct = direct
+        self.exact = DecodeStep(model, device, use_graphs)
+        self._lossy: DecodeStep | None = None  # graphs with the in-graph dropping of misses (floor < 1)
+        self.model, self.device, self.direct = model, device, direct
         self.tokens = 0
 
     @property
     def use_graphs(self) -> bool:
-        return self.step.use_graphs
+        return self.exact.use_graphs
+
+    @property
+    def step(self) -> DecodeStep:
+        """The exact graphs, or (quality floor < 1) the ones that drop low-weighted misses."""
+        if not self.direct.lossy:
+            return self.exact
+        if self._lossy is None:
+            self._lossy = DecodeStep(self.model, self.device, self.exact.use_graphs)
+        return self._lossy
 
     def __call__(self, token: int, pos: int) -> torch.Tensor:
         """Logits [1, V] of `token` at position `pos` (the KV cache holds positions < pos)."""

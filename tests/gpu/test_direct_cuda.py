@@ -80,3 +80,20 @@ def test_kernel_reads_pinned_host_rows(name):
     got = fmt.grouped_direct(x, fmt.parts(pool), fmt.parts(host), slots, host_rows, tokens, w)
     want = fmt.grouped(x, fmt.parts(rows), host_rows, tokens, w)
     assert torch.equal(got, want)
+
+
+def test_direct_quality_floor_on_cuda(checkpoints):
+    """The lossy graphs (in-graph dropping of low-weighted misses) on CUDA: the floor holds, misses are
+    dropped, and the exact graphs afterwards give the fetch path's tokens again."""
+    path = checkpoints["mixtral-gqa"]
+    ref = edgeprism.load(path, device="cuda", dtype="bf16", cache_fraction=0.3)
+    want = ref.generate_ids(IDS, max_new_tokens=24)
+    ref.close()
+    eng = edgeprism.load(path, device="cuda", dtype="bf16", cache_fraction=0.3, schedule="direct")
+    assert len(eng.generate_ids(IDS, max_new_tokens=24, quality=0.7)) == 24
+    s = eng.stats()
+    assert s["units_drop"] > 0 and s["mass_kept"] >= 0.7 - 1e-3
+    assert eng.decode_step._lossy is not None and eng.decode_step._lossy.graphs  # captured as graphs
+    assert eng.generate_ids(IDS, max_new_tokens=24) == want
+    check_map(eng)
+    eng.close()
