@@ -440,10 +440,10 @@ class Engine:
 
         `keep` (here and in every generation call): fraction of the routed sub-experts' mass computed,
         in (0, 1]; 1 is exact, lower skips the least important sub-experts (fewer expert bytes per token).
-        With `load(schedule="hybrid")`, `quality` (in (0, 1]: perplexity ratio to the exact model, read
-        from the profiled table of `edgeprism profile`, else used as the kept share of routed mass) lets
-        decode drop the least important cache misses, and `latency_ms` holds the per-token latency near a
-        target with the least quality loss (`schedule/qos.py`); give at most one."""
+        With `load(schedule="hybrid")` or `"direct"`, `quality` (in (0, 1]: perplexity ratio to the exact
+        model, read from the profiled table of `edgeprism profile`, else used as the kept share of routed
+        mass) lets decode drop the least important cache misses; with "hybrid", `latency_ms` instead holds
+        the per-token latency near a target with the least quality loss (`schedule/qos.py`); give at most one."""
         sampling = Sampling(temperature, top_p, top_k, seed)
         with self._lock:
             return list(self._token_iter(input_ids, max_new_tokens, sampling, keep, quality, latency_ms))
