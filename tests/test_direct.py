@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import VARIANTS
+from test_misses import PROMPT, decode_logits, load_cpu, synthetic_cost
 
 import edgeprism
 from edgeprism.cache.keys import SubExpertKey
@@ -19,20 +20,6 @@ from edgeprism.moe.quant import make_format
 from edgeprism.runtime.direct import DirectDecode
 
 NAMES = [v.name for v in VARIANTS]
-PROMPT = [5, 17, 99, 3, 42, 8, 77, 120, 61, 2, 33, 14]
-FED = [7, 64, 21, 90, 11, 3, 58, 36, 101, 12]
-
-
-def load_cpu(path, **kw):
-    kw.setdefault("cache_fraction", 0.25)
-    return edgeprism.load(path, device="cpu", dtype="fp32", prefill_chunk=4, **kw)
-
-
-def decode_logits(eng) -> torch.Tensor:
-    with eng._lock, torch.inference_mode():
-        eng._run(PROMPT, 0, last_only=True)
-        out = [eng._run([t], len(PROMPT) + i, last_only=True).float().clone() for i, t in enumerate(FED)]
-    return torch.stack(out)
 
 
 def check_map(eng) -> None:
@@ -146,14 +133,6 @@ def test_grouped_direct_reads_host_rows(name):
         w13, w2 = fmt.dequantize(fmt.parts(rows_data), torch.tensor([row]))
         ref[tokens[a]] += swiglu_unit(x[tokens[a]][None], w13[0], w2[0])[0] * w[a]
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
-
-
-def synthetic_cost(unit_bytes: int):
-    """CPU and PCIe priced alike, so the planner sends misses both ways (see test_misses.py)."""
-    from edgeprism.schedule.cost import CostModel
-
-    return CostModel(unit_bytes=unit_bytes, h2d_latency_s=1e-5, h2d_sizes=(4096, 1 << 20), h2d_bytes_per_s=(1e9, 1e9),
-                     cpu_call_s=1e-5, cpu_bytes_per_s=2e9, gpu_call_s=1e-5, gpu_unit_s=1e-6)
 
 
 @pytest.mark.parametrize("name", ["mixtral-gqa", "qwen2moe-shared-tied", "olmoe"])
