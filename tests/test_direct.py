@@ -200,3 +200,21 @@ def test_quality_with_direct_drops_misses_for_the_call_only(checkpoints, fetched
     with pytest.raises(edgeprism.errors.InputError, match="latency_ms"):
         eng.generate_ids(PROMPT, max_new_tokens=2, latency_ms=50)
     eng.close()
+
+
+def test_batched_and_gated_calls_on_a_direct_engine(checkpoints):
+    """Calls that leave the one-token graph path — batched decode (T > 1 per step, then T = 1 when one
+    sequence is left) and the static gate (keep < 1, eager) — give the fetch engine's tokens, and the
+    map is consistent afterwards."""
+    path = checkpoints["qwen2moe-shared-tied"]
+    prompts = [PROMPT, PROMPT[::-1], PROMPT[3:]]
+    want = {}
+    for sched in ("fetch", "direct"):
+        eng = load_cpu(path, schedule=sched)
+        want[sched] = (eng.generate_ids_batch(prompts, max_new_tokens=[6, 9, 12], max_batch=2),
+                       eng.generate_ids(PROMPT, max_new_tokens=10, keep=0.6),
+                       eng.generate_ids(PROMPT, max_new_tokens=10))
+        if sched == "direct":
+            check_map(eng)
+        eng.close()
+    assert want["direct"] == want["fetch"]

@@ -112,7 +112,7 @@ class OffloadedExperts:
         # such as a one-token prefill chunk find it stale and send it here)
         direct = self.direct
         assert direct is not None
-        if direct.stale and not torch.cuda.is_current_stream_capturing():
+        if direct.stale and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             direct.before_step()
         slots, rows = direct.lookup(layer, ids)
         tokens, w = self._expand(x, ids, weights, units)
