@@ -45,7 +45,7 @@ from edgeprism.schedule.adaptive import AdaptiveCacheConfig
 from edgeprism.schedule.cost import CostModel, for_store
 from edgeprism.schedule.cpu_experts import CpuExperts
 from edgeprism.schedule.misses import MissScheduler
-from edgeprism.schedule.qos import OperatingPoints, QosController
+from edgeprism.schedule.qos import FloorController, OperatingPoints, QosController
 from edgeprism.sampling import Sampling, choose
 from edgeprism.streaming import Generation, OnToken, TextStream, check_stops
 
@@ -360,17 +360,21 @@ class Engine:
         ids, keep, qos = self._check_ids(ids), check_keep(keep), self._qos(quality, latency_ms)
         return self._tokens(ids, max_new_tokens, sampling, keep, qos)
 
-    def _qos(self, quality: float | None, latency_ms: float | None) -> QosController | None:
+    def _qos(self, quality: float | None, latency_ms: float | None) -> QosController | FloorController | None:
         """The controller that sets the scheduler's quality floor and latency budget per token."""
         if quality is None and latency_ms is None:
             return None
-        if self.config.schedule == "direct" and latency_ms is None:
+        if self.config.schedule == "direct":
+            if latency_ms is not None and quality is not None:
+                raise InputError("give at most one of quality= and latency_ms=.")
             if self.experts.direct is None:
                 return None  # nothing is read from the host: nothing to drop
+            if latency_ms is not None:  # the per-token floor is the knob (no per-layer host step to budget)
+                return FloorController(latency_ms=latency_ms, table=self.operating_points())
             return QosController(len(self.spec.moe_layers), quality=quality, table=self.operating_points())
         if self.config.schedule != "hybrid":
-            raise InputError("latency_ms= needs schedule='hybrid' (and quality= needs 'hybrid' or 'direct'): they "
-                             "trade quality for speed by dropping cache misses; load the model with one of those.")
+            raise InputError("quality= and latency_ms= trade quality for speed by dropping cache misses; load the "
+                             "model with schedule='hybrid' (or 'direct').")
         if self.sched is None:
             return None  # nothing can miss (every expert resident): the fastest plan is already exact
         return QosController(len(self.spec.moe_layers), latency_ms=latency_ms, quality=quality,
@@ -386,7 +390,7 @@ class Engine:
         return OperatingPoints.load(path)
 
     def _tokens(self, ids: list[int], max_new_tokens: int, sampling: Sampling, keep: float = 1.0,
-                qos: QosController | None = None) -> Iterator[int]:
+                qos: QosController | FloorController | None = None) -> Iterator[int]:
         """Yield new token ids, taking the lock per token so a paused stream blocks no one."""
         gen, eos = sampling.generator(), self.eos_ids
         with self._lock:
@@ -413,15 +417,21 @@ class Engine:
             if tok in eos:
                 return
 
-    def _step(self, tok: int, pos: int, keep: float, qos: QosController | None) -> torch.Tensor:
+    def _step(self, tok: int, pos: int, keep: float, qos: QosController | FloorController | None) -> torch.Tensor:
         """One decode step under this call's quality/latency settings; the controller sees its time."""
         sched, direct = self.sched, self.experts.direct
-        if direct is not None:  # quality mode only: a fixed floor for the in-graph dropping of misses
+        if direct is not None:  # the floor of the in-graph dropping of misses (fixed, or a latency loop's)
             direct.set_floor(qos.targets()[0] if qos is not None else 1.0)
+            t0 = time.perf_counter()
             try:
-                return self._run([tok], pos, last_only=True, keep=keep)
+                logits = self._run([tok], pos, last_only=True, keep=keep)
             finally:
                 direct.set_floor(1.0)
+            if qos is not None and qos.latency_s is not None:
+                if logits.device.type == "cuda":
+                    torch.cuda.current_stream(logits.device).synchronize()  # the step's time includes the GPU's
+                qos.observe(time.perf_counter() - t0)
+            return logits
         if sched is None:
             return self._run([tok], pos, last_only=True, keep=keep)
         sched.keep, sched.budget_s = qos.targets() if qos is not None else (1.0, None)
@@ -442,8 +452,9 @@ class Engine:
         in (0, 1]; 1 is exact, lower skips the least important sub-experts (fewer expert bytes per token).
         With `load(schedule="hybrid")` or `"direct"`, `quality` (in (0, 1]: perplexity ratio to the exact
         model, read from the profiled table of `edgeprism profile`, else used as the kept share of routed
-        mass) lets decode drop the least important cache misses; with "hybrid", `latency_ms` instead holds
-        the per-token latency near a target with the least quality loss (`schedule/qos.py`); give at most one."""
+        mass) lets decode drop the least important cache misses, and `latency_ms` instead holds the
+        per-token latency near a target with the least quality loss (`schedule/qos.py`: a per-layer budget
+        for "hybrid", the per-token floor for "direct"); give at most one."""
         sampling = Sampling(temperature, top_p, top_k, seed)
         with self._lock:
             return list(self._token_iter(input_ids, max_new_tokens, sampling, keep, quality, latency_ms))

@@ -187,9 +187,10 @@ def test_drop_misses_keeps_the_floor_and_never_drops_a_hit():
             assert not drop.any()
 
 
-def test_quality_with_direct_drops_misses_for_the_call_only(checkpoints, fetched):
+def test_quality_and_latency_with_direct_drop_misses_for_the_call_only(checkpoints, fetched):
     """generate(quality=) on schedule="direct": the lossy graphs drop misses at the floor (no table:
-    quality is the mass floor), the stats count them, and the next exact call is the fetch path's again."""
+    quality is the mass floor), the stats count them, and the next exact call is the fetch path's
+    again; generate(latency_ms=) moves the floor from measured step times (`qos.FloorController`)."""
     eng = load_cpu(checkpoints["mixtral-gqa"], schedule="direct", cache_fraction=0.25)
     out = eng.generate_ids(PROMPT, max_new_tokens=16, quality=0.7)
     s = eng.stats()
@@ -197,8 +198,12 @@ def test_quality_with_direct_drops_misses_for_the_call_only(checkpoints, fetched
     assert s["mass_kept"] >= 0.7 - 1e-6
     assert eng.experts.direct.lossy is False and eng.decode_step._lossy is not None
     assert eng.generate_ids(PROMPT, max_new_tokens=12) == fetched["mixtral-gqa"][1]
-    with pytest.raises(edgeprism.errors.InputError, match="latency_ms"):
-        eng.generate_ids(PROMPT, max_new_tokens=2, latency_ms=50)
+    eng.reset_stats()  # latency mode: an unreachable target lowers the floor to its minimum (0.5)
+    assert len(eng.generate_ids(PROMPT, max_new_tokens=16, latency_ms=1e-3)) == 16
+    s = eng.stats()
+    assert s["units_drop"] > 0 and s["mass_kept"] >= 0.5 - 1e-6
+    with pytest.raises(edgeprism.errors.InputError, match="at most one"):
+        eng.generate_ids(PROMPT, max_new_tokens=2, latency_ms=50, quality=0.9)
     eng.close()
 
 

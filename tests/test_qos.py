@@ -406,3 +406,58 @@ def test_latency_floor_from_the_table(tokens, span):
     plain = simulate(QosController(LAYERS, latency_ms=target * 1e3), tokens, overhead_s=12e-3)
     assert statistics.mean(slow.kept[WARMUP:]) > statistics.mean(plain.kept[WARMUP:])
     assert QosController(LAYERS, latency_ms=50.0, table=t, min_keep=0.9).targets()[0] == 0.9  # min_keep still binds
+
+
+# ---- latency mode of schedule="direct": the floor is the knob --------------------------------------
+
+def direct_machine(floor: float, rng: random.Random, layers: int = 12, misses: float = 0.7) -> float:
+    """A simulated direct-decode token: 2 ms fixed, 0.2 ms per missed unit read (each layer drops its
+    lowest-weighted misses within 1 − floor of its mass, as `DirectCache.drop_misses`), ±5% noise."""
+    read = 0
+    for _ in range(layers):
+        w = sorted(rng.random() ** 2 + 0.01 for _ in range(8))
+        miss = [x for x in w if rng.random() < misses]
+        allow, dropped = (1.0 - floor) * sum(w), 0.0
+        for x in miss:  # ascending
+            if dropped + x > allow:
+                break
+            dropped += x
+            read -= 1
+        read += len(miss)
+    return (2e-3 + 0.2e-3 * read) * (1.0 + 0.05 * (rng.random() - 0.5))
+
+
+def run_floor(ctrl: qos.FloorController, n: int = 400, seed: int = 0) -> tuple[list[float], list[float]]:
+    rng, steps, keeps = random.Random(seed), [], []
+    for _ in range(n):
+        keep = ctrl.targets()[0]
+        step = direct_machine(keep, rng)
+        ctrl.observe(step)
+        steps.append(step)
+        keeps.append(keep)
+    return steps, keeps
+
+
+def test_floor_controller_holds_a_reachable_target():
+    rng = random.Random(1)
+    exact = statistics.mean(direct_machine(1.0, rng) for _ in range(200))
+    fastest = statistics.mean(direct_machine(0.5, rng) for _ in range(200))
+    target = (exact + fastest) / 2
+    steps, keeps = run_floor(qos.FloorController(latency_ms=target * 1e3))
+    assert abs(p95(steps[WARMUP:]) - target) <= 0.10 * target
+    assert 0.5 < statistics.mean(keeps[WARMUP:]) < 1.0
+
+
+def test_floor_controller_loose_and_unreachable_targets():
+    rng = random.Random(2)
+    exact = max(direct_machine(1.0, rng) for _ in range(200))
+    loose = qos.FloorController(latency_ms=2 * exact * 1e3)
+    _, keeps = run_floor(loose)
+    assert keeps[-1] == 1.0 and min(keeps) == 1.0  # never drops: the exact graphs run
+    tight = qos.FloorController(latency_ms=1.0)  # 1 ms: below the 2 ms fixed cost
+    _, keeps = run_floor(tight)
+    assert keeps[-1] == 0.5 and tight.summary()["min_keep"] == 0.5  # pinned at the floor, not below
+    t = table((1.0, 1.0, 20.0), (0.8, 0.93, 12.2), (0.5, 0.8, 11.8))
+    assert qos.FloorController(latency_ms=1.0, table=t).min_keep == 0.8
+    with pytest.raises(InputError):
+        qos.FloorController(latency_ms=0)

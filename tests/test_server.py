@@ -363,13 +363,12 @@ def test_quality_and_latency_reach_a_hybrid_engine() -> None:
             assert s["units_drop"] > 0 and s["mass_kept"] >= 0.5  # the scheduler dropped misses for this request
 
 
-def test_quality_reaches_a_direct_engine_and_latency_is_refused() -> None:
+def test_quality_and_latency_reach_a_direct_engine() -> None:
     with edgeprism.load(device="cpu", max_context=256, cache_fraction=0.3, schedule="direct") as eng, \
             BackgroundServer(eng, max_queue=1) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
-        r = http.post("/v1/chat/completions", json=chat(max_tokens=12, quality=0.7))
-        assert r.status_code == 200, r.text
-        s = eng.stats()
-        assert s["schedule"] == "direct" and s["units_drop"] > 0 and s["mass_kept"] >= 0.7 - 1e-6
-        r = http.post("/v1/chat/completions", json=chat(max_tokens=4, latency_ms=50))
-        assert r.status_code == 400 and r.json()["error"]["param"] == "latency_ms"
-        assert "--schedule hybrid" in r.json()["error"]["message"]
+        for extra in ({"quality": 0.7}, {"latency_ms": 0.001}):  # an unreachable latency: the floor goes down
+            eng.reset_stats()
+            r = http.post("/v1/chat/completions", json=chat(max_tokens=12, **extra))
+            assert r.status_code == 200, r.text
+            s = eng.stats()
+            assert s["schedule"] == "direct" and s["units_drop"] > 0 and s["mass_kept"] >= 0.5 - 1e-6, extra

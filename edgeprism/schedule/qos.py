@@ -354,3 +354,61 @@ def _percentile(xs: Sequence[float], q: float) -> float:
     lo = math.floor(pos)
     hi = min(lo + 1, len(xs) - 1)
     return xs[lo] + (pos - lo) * (xs[hi] - xs[lo])
+
+
+FLOOR_GAIN = 0.5  # FloorController: floor change per token per unit of relative (filtered) error
+
+
+class FloorController:
+    """Latency mode for `schedule="direct"`: there is no host step per layer to give a budget to, so
+    the knob is the per-token kept-mass floor itself (the graphs drop each layer's lowest-weighted
+    misses down to it). Same interface as `QosController` (`targets`, `observe`, `summary`).
+
+    Integral control on the relative error: the median of the last MEDIAN_OF steps minus the
+    setpoint (target − tail allowance, as in `QosController`), clipped to ±MAX_ERROR, moves the floor
+    by −FLOOR_GAIN × error / target per token, within [`min_keep` (raised to the table's plateau
+    keep), 1]. Step time falls as the floor falls (fewer bytes read), so the loop settles where the
+    percentile step meets the target; an unreachable target pins the floor at its minimum, and a
+    loose one returns it to 1 (the exact graphs)."""
+
+    def __init__(self, *, latency_ms: float, table: OperatingPoints | None = None, min_keep: float = 0.5,
+                 percentile: float = 0.95, window: int = WINDOW) -> None:
+        if not 0.0 < latency_ms < math.inf:
+            raise InputError(f"latency_ms={latency_ms}: must be a positive, finite number of milliseconds")
+        if not 0.0 < min_keep <= 1.0:
+            raise InputError(f"min_keep={min_keep}: must be in (0, 1] (share of routed mass always kept)")
+        if not 0.5 <= percentile < 1.0:
+            raise InputError(f"percentile={percentile}: the step-time percentile held at latency_ms, in [0.5, 1)")
+        if window < TAIL_MIN:
+            raise InputError(f"window={window}: need at least {TAIL_MIN} steps for a tail percentile")
+        self.latency_s, self.quality, self.percentile = latency_ms / 1e3, None, percentile
+        self.min_keep = min_keep if table is None else max(min_keep, table.plateau_keep())
+        self.keep = 1.0  # start exact; the loop lowers it only as far as the target needs
+        self.tokens = 0
+        self._steps: deque[float] = deque(maxlen=window)
+        self._errors: deque[float] = deque(maxlen=MEDIAN_OF)
+
+    def targets(self) -> tuple[float, float | None]:
+        return self.keep, None
+
+    def observe(self, step_s: float, planned_s: float | None = None) -> None:
+        """Report a token's measured wall time (`planned_s` is not used: nothing is planned)."""
+        if not 0.0 <= step_s < math.inf:
+            raise InputError(f"step_s={step_s}: a token's measured time must be finite and ≥ 0 seconds")
+        self.tokens += 1
+        self._steps.append(step_s)
+        target = self.latency_s
+        tail = 0.0
+        if len(self._steps) >= TAIL_MIN:
+            steps = sorted(self._steps)
+            tail = min(max(_percentile(steps, self.percentile) - _percentile(steps, 0.5), 0.0), MAX_TAIL * target)
+        self._errors.append(step_s - (target - tail))
+        error = min(max(statistics.median(self._errors), -MAX_ERROR * target), MAX_ERROR * target)
+        self.keep = min(max(self.keep - FLOOR_GAIN * error / target, self.min_keep), 1.0)
+
+    def summary(self) -> dict[str, float | int | str | None]:
+        steps = sorted(self._steps)
+        return {"mode": "latency", "target_ms": self.latency_s * 1e3, "target_quality": None, "keep": self.keep,
+                "budget_ms": None, "min_keep": self.min_keep, "percentile": self.percentile,
+                "p50_ms": _percentile(steps, 0.50) * 1e3 if steps else None,
+                "p95_ms": _percentile(steps, 0.95) * 1e3 if steps else None, "tokens": self.tokens}

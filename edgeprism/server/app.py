@@ -239,15 +239,13 @@ class Server:
         return Plan(prompt, messages, options, bool(req.stream), include_usage)
 
     def _check_tradeoff(self, req: ChatRequest | CompletionRequest) -> None:
-        """`quality` / `latency_ms` (edgeprism's extensions): at most one; `quality` on a hybrid or direct
-        engine, `latency_ms` on a hybrid one."""
+        """`quality` / `latency_ms` (edgeprism's extensions): at most one, on a hybrid or direct engine."""
         asked = [name for name in ("quality", "latency_ms") if getattr(req, name) is not None]
         if len(asked) > 1:
             raise bad_request("give at most one of quality and latency_ms.", param="latency_ms")
-        allowed = ("hybrid", "direct") if asked == ["quality"] else ("hybrid",)
-        if asked and self.engine.config.schedule not in allowed:
+        if asked and self.engine.config.schedule not in ("hybrid", "direct"):
             raise bad_request(f"{asked[0]} trades quality for speed by dropping cache misses; this server's "
-                              f"engine was loaded without that (start it with --schedule {' or '.join(allowed)}).",
+                              "engine was loaded without that (start it with --schedule hybrid or direct).",
                               param=asked[0])
 
     def _fit(self, prompt: str | None, messages: list[dict[str, str]] | None, max_tokens: int | None,
