@@ -5,11 +5,12 @@
 #   OUT=/tmp/out bash bench/pending_gpu.sh batched   # issue 8: batched decode, batch 1-8, and under a latency target
 #   OUT=/tmp/out bash bench/pending_gpu.sh int4      # issue 9: bf16 / int8 / int4 decode at 4 and 8 GB (48-layer share)
 #   OUT=/tmp/out bash bench/pending_gpu.sh prefetch  # issue 5: prefetch on vs off (copy-budget sizing), 8 GB
+#   OUT=/tmp/out bash bench/pending_gpu.sh direct    # schedule="direct": quality / latency modes; hybrid's CPU probe
 #   OUT=/tmp/out bash bench/pending_gpu.sh tests     # every CUDA test
 set -euo pipefail
 OUT=${OUT:?set OUT to a results folder}
 G="--geometry qwen3-30b-a3b --layers 12 --tokens 32 --warmup 8"
-case "${1:?sched|batched|int4|prefetch|tests}" in
+case "${1:?sched|batched|int4|prefetch|direct|tests}" in
   sched)
     # per-token latency targets at 4 and 8 GB (12 layers), between the fastest and the exact plan's
     # step time as measured on 2026-11-23 (uniform routing: exact ~20/16 ms, floor 0.5 ~16/12 ms)
@@ -30,6 +31,12 @@ case "${1:?sched|batched|int4|prefetch|tests}" in
       python3 bench/decode.py $G --budgets 8 --routing $r --out "$OUT/prefetch-$r" --systems edgeprism,edgeprism-noprefetch
     done
     python3 bench/prefetch.py timeline --out "$OUT/timeline.json" ;;
+  direct)
+    # zero-copy decode: latency mode (not yet measured), and the scheduler with the exploration probe
+    python3 bench/decode.py $G --warmup 24 --tokens 48 --budgets 4 8 --routing uniform --out "$OUT/direct-latency" \
+      --systems edgeprism-direct,edgeprism-direct-q0.95,edgeprism-direct-latency --latency-ms 17 12
+    python3 bench/decode.py $G --budgets 8 --routing uniform --out "$OUT/probe" \
+      --systems edgeprism-fetch,edgeprism-cpu,edgeprism-hybrid ;;
   tests)
     python3 -m pytest -q tests/gpu ;;
 esac
