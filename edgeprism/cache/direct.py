@@ -67,6 +67,7 @@ class DirectCache:
         self._heat: dict[SubExpertKey, float] = {}
         self._inc = 1.0
         self.stale = True  # the map must be rebuilt from the table before the next direct step
+        self._map_changed = False  # host_map differs from what the device has
         self.hits = self.misses = self.admitted = 0
         # quality floor: read by the lossy graphs; per layer [dropped units, kept mass, routed mass]
         self.floor = torch.ones((), dtype=torch.float32, device=self.device)
@@ -115,8 +116,9 @@ class DirectCache:
             if self.fetch.landed(slot):
                 del self._pending[key]
                 self._publish(key, slot)
-        # a pageable source: the copy is staged before copy_ returns, so host_map may change after
-        self.dev_map.copy_(self.host_map)
+        if self._map_changed:  # a pageable source: staged before copy_ returns, so host_map may change after
+            self.dev_map.copy_(self.host_map)
+            self._map_changed = False
 
     def read_routing(self) -> None:
         """Queue the copy of the step's routing to the host (right after its graph)."""
@@ -192,16 +194,19 @@ class DirectCache:
     def _publish(self, key: SubExpertKey, slot: int) -> None:
         self._published[key] = slot
         self.host_map[key.layer, key.expert, key.group] = slot
+        self._map_changed = True
 
     def _unpublish(self, key: SubExpertKey) -> None:
         del self._published[key]
         self.host_map[key.layer, key.expert, key.group] = -1
+        self._map_changed = True
 
     def _rebuild(self) -> None:
         """The map from the slot table, after something else (prefill, batched decode) moved units.
         Their copies were waited on by the compute that used them; `drain` covers the rest."""
         self.fetch.drain()
         self.host_map.fill_(-1)
+        self._map_changed = True
         self._published.clear()
         self._pending.clear()
         self._occupant.clear()

@@ -257,16 +257,9 @@ class QosController:
             raise InputError(f"layers={layers!r}: the number of MoE layers, a positive int")
         if (latency_ms is None) == (quality is None):
             raise InputError("give exactly one target: latency_ms (per-token decode latency) or quality (in (0, 1])")
-        if latency_ms is not None and not 0.0 < latency_ms < math.inf:
-            raise InputError(f"latency_ms={latency_ms}: must be a positive, finite number of milliseconds")
         if quality is not None and not 0.0 < quality <= 1.0:
             raise InputError(f"quality={quality}: must be in (0, 1] (ppl_ref / ppl; 1 = no loss)")
-        if not 0.0 < min_keep <= 1.0:
-            raise InputError(f"min_keep={min_keep}: must be in (0, 1] (share of routed mass always kept)")
-        if not 0.5 <= percentile < 1.0:
-            raise InputError(f"percentile={percentile}: the step-time percentile held at latency_ms, in [0.5, 1)")
-        if window < TAIL_MIN:
-            raise InputError(f"window={window}: need at least {TAIL_MIN} steps for a tail percentile")
+        _check_latency_args(latency_ms, min_keep, percentile, window)
         self.layers = layers
         self.latency_s = None if latency_ms is None else latency_ms / 1e3
         self.quality = quality
@@ -317,10 +310,7 @@ class QosController:
         """How far the median step must sit below the target for the `percentile` step to meet it: the
         tail window's p(percentile) − p50, once it holds TAIL_MIN steps (so one outlier is never the
         percentile read), at most MAX_TAIL × target."""
-        if self.percentile == 0.5 or len(self._tail_steps) < TAIL_MIN:
-            return 0.0
-        steps = sorted(self._tail_steps)
-        return min(max(_percentile(steps, self.percentile) - _percentile(steps, 0.5), 0.0), MAX_TAIL * target)
+        return _tail_allowance(self._tail_steps, self.percentile, target)
 
     def _set_overhead(self, overhead: float, target: float) -> None:
         """ô clamped so that the budget stays in [MIN_SHARE, MAX_SHARE] × target / layers (anti-windup);
@@ -348,6 +338,26 @@ class QosController:
                 "tokens": self.tokens}
 
 
+def _check_latency_args(latency_ms: float | None, min_keep: float, percentile: float, window: int) -> None:
+    if latency_ms is not None and not 0.0 < latency_ms < math.inf:
+        raise InputError(f"latency_ms={latency_ms}: must be a positive, finite number of milliseconds")
+    if not 0.0 < min_keep <= 1.0:
+        raise InputError(f"min_keep={min_keep}: must be in (0, 1] (share of routed mass always kept)")
+    if not 0.5 <= percentile < 1.0:
+        raise InputError(f"percentile={percentile}: the step-time percentile held at latency_ms, in [0.5, 1)")
+    if window < TAIL_MIN:
+        raise InputError(f"window={window}: need at least {TAIL_MIN} steps for a tail percentile")
+
+
+def _tail_allowance(window: Sequence[float], percentile: float, target: float) -> float:
+    """p(percentile) − p50 of the window once it holds TAIL_MIN steps (so one outlier is never the
+    percentile read), at most MAX_TAIL × target; 0 before that or at percentile 0.5."""
+    if percentile == 0.5 or len(window) < TAIL_MIN:
+        return 0.0
+    steps = sorted(window)
+    return min(max(_percentile(steps, percentile) - _percentile(steps, 0.5), 0.0), MAX_TAIL * target)
+
+
 def _percentile(xs: Sequence[float], q: float) -> float:
     """Linear interpolation between closest ranks of sorted `xs` (numpy's default)."""
     pos = q * (len(xs) - 1)
@@ -373,14 +383,7 @@ class FloorController:
 
     def __init__(self, *, latency_ms: float, table: OperatingPoints | None = None, min_keep: float = 0.5,
                  percentile: float = 0.95, window: int = WINDOW) -> None:
-        if not 0.0 < latency_ms < math.inf:
-            raise InputError(f"latency_ms={latency_ms}: must be a positive, finite number of milliseconds")
-        if not 0.0 < min_keep <= 1.0:
-            raise InputError(f"min_keep={min_keep}: must be in (0, 1] (share of routed mass always kept)")
-        if not 0.5 <= percentile < 1.0:
-            raise InputError(f"percentile={percentile}: the step-time percentile held at latency_ms, in [0.5, 1)")
-        if window < TAIL_MIN:
-            raise InputError(f"window={window}: need at least {TAIL_MIN} steps for a tail percentile")
+        _check_latency_args(latency_ms, min_keep, percentile, window)
         self.latency_s, self.quality, self.percentile = latency_ms / 1e3, None, percentile
         self.min_keep = min_keep if table is None else max(min_keep, table.plateau_keep())
         self.keep = 1.0  # start exact; the loop lowers it only as far as the target needs
@@ -398,11 +401,7 @@ class FloorController:
         self.tokens += 1
         self._steps.append(step_s)
         target = self.latency_s
-        tail = 0.0
-        if len(self._steps) >= TAIL_MIN:
-            steps = sorted(self._steps)
-            tail = min(max(_percentile(steps, self.percentile) - _percentile(steps, 0.5), 0.0), MAX_TAIL * target)
-        self._errors.append(step_s - (target - tail))
+        self._errors.append(step_s - (target - _tail_allowance(self._steps, self.percentile, target)))
         error = min(max(statistics.median(self._errors), -MAX_ERROR * target), MAX_ERROR * target)
         self.keep = min(max(self.keep - FLOOR_GAIN * error / target, self.min_keep), 1.0)
 
