@@ -50,9 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stats", action="store_true", help="print cache statistics to stderr at the end")
-    gen.add_argument("--quality", type=float, default=None, help="with --schedule hybrid: quality target in (0, 1] "
+    gen.add_argument("--quality", type=float, default=None,
+                     help="with --schedule hybrid or direct: quality target in (0, 1] "
                      "(perplexity ratio from the profiled table); drops the least important misses")
-    gen.add_argument("--latency-ms", type=float, default=None, help="with --schedule hybrid: per-token latency target")
+    gen.add_argument("--latency-ms", type=float, default=None,
+                     help="with --schedule hybrid or direct: per-token latency target")
 
     info = sub.add_parser("info", help="describe a checkpoint and how a VRAM budget would be split")
     info.add_argument("model", nargs="?", default=None, help="checkpoint directory (default: the embedded model)")

@@ -55,7 +55,7 @@ class _Common(_Strict):
     stream_options: StreamOptions | None = None
     logprobs: bool | int | None = None
     tools: list[Any] | None = None
-    # edgeprism extensions (a server started with --schedule hybrid): see Engine.generate_ids
+    # edgeprism extensions (a server started with --schedule hybrid or direct): see Engine.generate_ids
     quality: float | None = Field(None, gt=0, le=1)
     latency_ms: float | None = Field(None, gt=0)
 
