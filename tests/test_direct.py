@@ -223,3 +223,43 @@ def test_batched_and_gated_calls_on_a_direct_engine(checkpoints):
             check_map(eng)
         eng.close()
     assert want["direct"] == want["fetch"]
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_admissions_that_land_late_are_never_read_early(checkpoints, fetched, lazy):
+    """Admission copies on a fake copy engine that lands them late and out of order (or only when
+    waited on): a unit enters the map only once its copy has landed, so the slot a graph reads
+    always holds its unit — the tokens stay the fetch path's, and nothing pending is mapped."""
+    from test_prefetch import FakeCopies
+
+    name = "qwen3moe-nonorm-sharded"
+    eng = load_cpu(checkpoints[name], schedule="direct", cache_fraction=0.25)
+    fake = FakeCopies(seed=3, lazy=lazy)
+    eng.fetch.engine = fake
+    d = eng.experts.direct
+    seen_pending = 0
+
+    def after_step(step, inner=d.after_step):
+        nonlocal seen_pending
+        inner(step)
+        for key, slot in d._pending.items():  # in flight: not in the map, whatever the table says
+            seen_pending += 1
+            assert d.host_map[key.layer, key.expert, key.group] == -1 and eng.cache.table.lookup(key) == slot
+
+    admitted, copies = set(), []
+
+    def copy_after_compute(fills, inner=eng.fetch.copy_after_compute):
+        admitted.update(key for key, _ in fills)
+        copies.extend(fills)
+        inner(fills)
+
+    d.after_step = after_step
+    eng.fetch.copy_after_compute = copy_after_compute
+    assert eng.generate_ids(PROMPT, max_new_tokens=12) == fetched[name][1]
+    assert seen_pending > 0 and d.admitted == len(copies) > 0
+    if lazy:  # nothing lands unless waited on, and nothing waits on admissions: none was ever mapped
+        assert not admitted & set(d._published)
+    else:
+        assert admitted & set(d._published)  # landed ones were published
+    check_map(eng)
+    eng.close()

@@ -28,6 +28,9 @@ class Pending:
     def __init__(self, dst: torch.Tensor, src: torch.Tensor, after: list["Pending"]) -> None:
         self.dst, self.src, self.after, self.done = dst, src, list(after), False
 
+    def query(self) -> bool:  # as a CUDA event's: has the copy landed? (never waits)
+        return self.done
+
 
 class FakeCopies:
     """A copy engine whose copies complete late: at random points (`shuffle`) in random order,
