@@ -211,6 +211,9 @@ class EngineConfig:
             raise ConfigError(f"schedule={self.schedule!r}: must be 'fetch' (copy misses to the GPU), 'cpu' "
                               "(compute misses on the CPU), 'hybrid' (choose per layer from the cost model) or "
                               "'direct' (the GPU reads misses straight from pinned host RAM).")
+        for name in ("pin_memory", "cuda_graphs", "prefetch", "adaptive_cache", "quant_cache", "zero_copy"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be True or False.")
         if self.schedule == "direct" and not self.pin_memory:
             raise ConfigError("schedule='direct' has the GPU read experts straight from pinned host RAM, but "
                               "pin_memory=False; pin the experts or use schedule='fetch'.")

@@ -263,3 +263,9 @@ def test_admissions_that_land_late_are_never_read_early(checkpoints, fetched, la
         assert admitted & set(d._published)  # landed ones were published
     check_map(eng)
     eng.close()
+
+
+def test_flags_must_be_booleans(checkpoints):
+    for flag in ("zero_copy", "prefetch", "pin_memory", "quant_cache"):
+        with pytest.raises(ConfigError, match=flag):
+            load_cpu(checkpoints["olmoe"], **{flag: "yes"})
