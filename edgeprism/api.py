@@ -585,7 +585,7 @@ class Engine:
             "schedule": (self.config.schedule if self.sched is not None
                          else "direct" if self.experts.direct is not None else "fetch"),
             "zero_copy_bytes": self._zero_copy_units() * self.plan.unit_bytes,
-            **({"units_drop": direct.dropped,
+            **({"units_drop": direct.dropped, "units_admitted": direct.admitted,
                 "mass_kept": direct.mass_kept / direct.mass_routed if direct.mass_routed > 0 else None}
                if direct is not None else {}),
             **(self.sched.stats.as_dict() if self.sched is not None else {}),
