@@ -232,7 +232,7 @@ class Engine:
         with prefetch. Units too large to gather: the plain eager step (unit by unit)."""
         cfg = self.config
         if self.experts.direct is not None:
-            return DirectDecode(self.model, self.experts.direct, self.device, cfg.cuda_graphs)
+            return DirectDecode(self.model, self.experts, self.device, cfg.cuda_graphs)
         if self.experts.slot_map is not None or not self.experts.can_gather(self.spec.top_k):
             return DecodeStep(self.model, self.device, cfg.cuda_graphs and self.experts.slot_map is not None)
         return LayerwiseDecode(self.model, self.experts, self.fetch, self.device, cfg.cuda_graphs,
@@ -248,7 +248,7 @@ class Engine:
             log.info("zero_copy: the GPU cannot read the host arena in place (%s); misses are copied",
                      "not pinned" if not self.store.pinned else "no Triton")
             return None
-        return {layer: self.format.parts(self.store.arenas[layer]) for layer in self.store.layers}
+        return {layer: self.store.parts(layer) for layer in self.store.layers}
 
     def _copy_unit_s(self) -> float | None:
         """One unit's copy time, which sizes prefetches: only where copies overlap compute (a GPU)."""
@@ -596,7 +596,10 @@ class Engine:
         """Units the GPU read in place from host RAM (schedule="direct", or a plan's misses with zero_copy)."""
         if self.experts.direct is not None:
             return self.experts.direct.misses
-        return self.decode_step.direct_units if isinstance(self.decode_step, LayerwiseDecode) else 0
+        step = self.decode_step
+        if isinstance(step, LayerwiseDecode) and step.host_parts is not None and self.sched is not None:
+            return self.sched.stats.actions["fetch"]  # with zero_copy every planned fetch is read in place
+        return 0
 
     def reset_stats(self) -> None:
         with self._lock:
@@ -610,8 +613,6 @@ class Engine:
                 d = self.experts.direct
                 d.hits = d.misses = d.admitted = d.dropped = 0
                 d.mass_kept = d.mass_routed = 0.0
-            if isinstance(self.decode_step, LayerwiseDecode):
-                self.decode_step.direct_units = 0
             self._counts = {"tokens": 0, "prompt_tokens": 0, "forward_tokens": 0}
 
     def close(self) -> None:

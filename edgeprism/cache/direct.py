@@ -54,7 +54,7 @@ class DirectCache:
         self.dev_map = self.host_map.to(self.device)
         rows = [[store.row(SubExpertKey(store.layers[0], e, g)) for g in range(G)] for e in range(E)]
         self.rows = torch.tensor(rows, dtype=torch.long, device=self.device)  # [E, G] host-arena row
-        self.host_parts: dict[int, Parts] = {layer: store.format.parts(store.arenas[layer]) for layer in store.layers}
+        self.host_parts: dict[int, Parts] = {layer: store.parts(layer) for layer in store.layers}
         self.route_log = torch.zeros(L, top_k, dtype=torch.long, device=self.device)  # written by the graph
         cuda = self.device.type == "cuda"
         self._host_route = torch.zeros(L, top_k, dtype=torch.long, pin_memory=cuda)

@@ -16,7 +16,7 @@ import torch
 
 from edgeprism.cache.keys import SubExpertKey
 from edgeprism.errors import HostMemoryError
-from edgeprism.moe.quant import DenseFormat, UnitFormat
+from edgeprism.moe.quant import DenseFormat, Parts, UnitFormat
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,10 @@ class HostStore:
     def unit(self, key: SubExpertKey) -> torch.Tensor:
         """The unit's flat row [numel] (a view into the arena)."""
         return self.arenas[key.layer][self.row(key)]
+
+    def parts(self, layer: int) -> Parts:
+        """The format's views (`moe/quant.Parts`) of a layer's arena: what a kernel reads in place."""
+        return self.format.parts(self.arenas[layer])
 
     def units(self, layer: int, first_row: int, count: int) -> torch.Tensor:
         """`count` adjacent rows [count, numel] starting at `first_row` (for coalesced copies)."""

@@ -17,19 +17,19 @@ from __future__ import annotations
 
 import torch
 
-from edgeprism.cache.direct import DirectCache
 from edgeprism.models.decoder import Decoder
+from edgeprism.moe.offload import OffloadedExperts
 from edgeprism.runtime.graphs import DecodeStep
 
 
 class DirectDecode:
     """`DecodeStep` over a `DirectCache`: one graph per token, cache upkeep between tokens."""
 
-    def __init__(self, model: Decoder, direct: DirectCache, device: torch.device, use_graphs: bool) -> None:
+    def __init__(self, model: Decoder, experts: OffloadedExperts, device: torch.device, use_graphs: bool) -> None:
+        assert experts.direct is not None
         self.exact = DecodeStep(model, device, use_graphs)
         self._lossy: DecodeStep | None = None  # graphs with the in-graph dropping of misses (floor < 1)
-        self.model, self.device, self.direct = model, device, direct
-        self.tokens = 0
+        self.model, self.device, self.experts, self.direct = model, device, experts, experts.direct
 
     @property
     def use_graphs(self) -> bool:
@@ -49,7 +49,8 @@ class DirectDecode:
         d = self.direct
         d.before_step()
         out = self.step(token, pos)
-        self.tokens += 1
-        d.after_step(self.tokens)  # the previous token's routing, while this graph runs
+        # the previous token's routing, while this graph runs; its step on the clock every cache path
+        # uses (the engine's forward-token count), so the policies see one timeline
+        d.after_step(self.experts.step - 1)
         d.read_routing()
         return out

@@ -45,7 +45,6 @@ class LayerwiseDecode:
         # copied first, and a layer's GPU experts run as their own graph, launched before the host
         # waits for the CPU units: GPU reads and CPU compute overlap.
         self.host_parts = host_parts if sched is not None else None
-        self.direct_units = 0  # units read in place from host RAM
         # prefetch sizing: one unit's copy time and an EMA of a layer's time (host clock between two
         # layers' routing reads, which the host waits for), so a prefetch copies only what it can hide
         self.copy_unit_s, self.layer_s, self._served_at = copy_unit_s, None, None
@@ -176,16 +175,16 @@ class LayerwiseDecode:
         weights = self.host_w.tolist()
         acts = self.sched.decide(keys, weights)
         self.fetch.settle(layer, keys)  # the prediction is scored against every routed unit
-        direct = [] if self.host_parts is None else [i for i, a in enumerate(acts) if a is Action.FETCH]
-        gpu = [i for i, a in enumerate(acts) if a in GPU_ACTIONS and not (direct and a is Action.FETCH)]
+        in_place = self.host_parts is not None  # the plan's fetches are read from host RAM, not copied
+        direct = [i for i, a in enumerate(acts) if in_place and a is Action.FETCH]
+        gpu = [i for i, a in enumerate(acts) if a in GPU_ACTIONS and not (in_place and a is Action.FETCH)]
         cpu = [i for i, a in enumerate(acts) if a is Action.CPU]
         pending = self.sched.submit_cpu(self.host_xn, [keys[i] for i in cpu], [weights[i] for i in cpu]) if cpu else None
         held = [keys[i] for i in gpu]
         slots = self.fetch.acquire(held, step, layer) if held else []
         try:
             self._write_slots(gpu, slots, len(keys), [(i, self.experts.cache.store.row(keys[i])) for i in direct])
-            if self.host_parts is not None:  # the GPU units run now, while the CPU computes its own
-                self.direct_units += len(direct)
+            if in_place:  # the GPU units run now, while the CPU computes its own
                 self._replay(("experts", j), lambda: self._gpu_experts(j), "segment")
             if self.predictor is not None:  # prefetches go out while the CPU works
                 self._prefetch(j, experts, step, layer)
