@@ -196,7 +196,8 @@ def run_edgeprism(source: Any, budget: float | None, args: argparse.Namespace, s
 
 
 SCHED_KEYS = ("units_hit", "units_wait", "units_fetch", "units_cpu", "units_drop", "cpu_calls", "cpu_probes", "cpu_bytes",
-              "cpu_s", "cpu_gbps", "mass_kept")
+              "cpu_s", "cpu_gbps", "mass_kept", "cpu_share", "cpu_share_units", "cpu_share_bytes", "cpu_share_busy_s",
+              "cpu_share_gbps", "cpu_share_gpu_waits", "units_admitted")
 SCHED_SYSTEMS = {  # system -> (load options, generation options)
     "edgeprism-fetch": ({"schedule": "fetch"}, {}),
     "edgeprism-cpu": ({"schedule": "cpu"}, {}),
@@ -205,6 +206,12 @@ SCHED_SYSTEMS = {  # system -> (load options, generation options)
     "edgeprism-hybrid-q0.95": ({"schedule": "hybrid"}, {"quality": 0.95}),
     "edgeprism-direct": ({"schedule": "direct"}, {}),  # misses read by the kernels from pinned host RAM
     "edgeprism-direct-q0.95": ({"schedule": "direct"}, {"quality": 0.95}),  # ... dropping low-weighted misses
+    # direct, with the CPU computing a share of each layer's misses inside the graph (schedule/cpu_share.py):
+    # adapted to the machine, or a fixed fraction of the misses
+    "edgeprism-direct-cpu": ({"schedule": "direct", "cpu_share": True}, {}),
+    "edgeprism-direct-cpu0.25": ({"schedule": "direct", "cpu_share": 0.25}, {}),
+    "edgeprism-direct-cpu0.5": ({"schedule": "direct", "cpu_share": 0.5}, {}),
+    "edgeprism-direct-cpu-q0.95": ({"schedule": "direct", "cpu_share": True}, {"quality": 0.95}),
 }
 
 

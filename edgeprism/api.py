@@ -39,6 +39,7 @@ from edgeprism.prefetch.prefetcher import CudaCopies, InlineCopies, Prefetcher
 from edgeprism.runtime.batched import BatchedGeneration, check_batch_args, stop_check, texts
 from edgeprism.runtime.graphs import DecodeStep
 from edgeprism.runtime.direct import DirectDecode
+from edgeprism.schedule.cpu_share import CpuShare
 from edgeprism.runtime.layerwise import LayerwiseDecode
 from edgeprism.runtime.memory import GiB, BudgetPlan, free_device_bytes, plan_budget
 from edgeprism.schedule.adaptive import AdaptiveCacheConfig
@@ -185,7 +186,11 @@ class Engine:
                 log.warning("schedule='direct': the experts could not be pinned, so the GPU cannot read them in "
                             "place; misses are fetched instead (schedule='fetch')")
                 return
-        self.experts.enable_direct(self.spec.top_k, admit_units=self.spec.top_k * self.config.groups)
+        direct = self.experts.enable_direct(self.spec.top_k, admit_units=self.spec.top_k * self.config.groups)
+        share = self.config.cpu_share
+        if share is not None:
+            direct.cpu_share = CpuShare(self.store, self.format, self.spec.top_k, self.device,
+                                        frac=None if share is True else float(share), threads=self.config.cpu_threads)
 
     def _cost_model(self, cost: CostModel | None, recalibrate: bool) -> CostModel | None:
         """This machine's prices (measured at first use and cached on disk, or `cost` as given), for
@@ -588,9 +593,15 @@ class Engine:
             **({"units_drop": direct.dropped, "units_admitted": direct.admitted,
                 "mass_kept": direct.mass_kept / direct.mass_routed if direct.mass_routed > 0 else None}
                if direct is not None else {}),
+            **(self._cpu_share_stats() if direct is not None and direct.cpu_share is not None else {}),
             **(self.sched.stats.as_dict() if self.sched is not None else {}),
             "adaptive_cache": self.adaptive.summary() if self.adaptive is not None else None,
         }
+
+    def _cpu_share_stats(self) -> dict:
+        share = self.experts.direct.cpu_share
+        share.finish()  # the last token's loop: its graph has finished (the caller has its logits)
+        return share.summary(self.plan.unit_bytes)
 
     def _zero_copy_units(self) -> int:
         """Units the GPU read in place from host RAM (schedule="direct", or a plan's misses with zero_copy)."""
@@ -613,6 +624,9 @@ class Engine:
                 d = self.experts.direct
                 d.hits = d.misses = d.admitted = d.dropped = 0
                 d.mass_kept = d.mass_routed = 0.0
+                if d.cpu_share is not None:
+                    d.cpu_share.finish()
+                    d.cpu_share.reset_stats()
             self._counts = {"tokens": 0, "prompt_tokens": 0, "forward_tokens": 0}
 
     def close(self) -> None:
@@ -621,6 +635,9 @@ class Engine:
             self._session += 1
             if getattr(self, "sched", None) is not None:
                 self.sched.close()
+            direct = self.experts.direct if hasattr(self, "experts") else None
+            if direct is not None and direct.cpu_share is not None:
+                direct.cpu_share.close()
             for attr in ("decode_step", "model", "gate", "sched", "adaptive", "experts", "fetch", "cache", "store"):
                 if hasattr(self, attr):
                     delattr(self, attr)
@@ -654,7 +671,8 @@ def load(model: str | os.PathLike | MemoryCheckpoint | None = None, vram_gb: flo
          gather_limit: int = 256 * 2**20, cuda_graphs: bool = True, prefetch: bool = False, lookahead: int = 1,
          predict_experts: int | None = None, schedule: str = "fetch", cpu_threads: int | None = None,
          cost: CostModel | None = None, recalibrate: bool = False, adaptive_cache: bool = False,
-         quant_cache: bool = True, zero_copy: bool = False, progress: Progress | None = None) -> Engine:
+         quant_cache: bool = True, zero_copy: bool = False, cpu_share: float | bool | None = None,
+         progress: Progress | None = None) -> Engine:
     """Load a Hugging Face MoE checkpoint directory (None = the embedded default model), or an
     in-memory `MemoryCheckpoint`.
 
@@ -685,7 +703,11 @@ def load(model: str | os.PathLike | MemoryCheckpoint | None = None, vram_gb: flo
     "direct" keeps a device-side map of the cached units and lets the kernels read every other unit
     straight from pinned host RAM over PCIe (zero-copy, ~50 GB/s on an H100 box, as fast as a copy):
     a decode token is then one CUDA graph with no host step between layers, and hot misses are
-    copied into the cache between tokens. With "cpu"/"hybrid", `zero_copy=True` has the GPU read the
+    copied into the cache between tokens. `cpu_share` (direct only) lets the CPU compute part of each
+    layer's misses from the same pinned RAM inside that graph, while the GPU reads the rest: True adapts
+    the share between tokens to how long the GPU waited for the CPU, a number in [0, 1] fixes the
+    fraction of the misses, None (default) is off (schedule/cpu_share.py; needs a C compiler).
+    With "cpu"/"hybrid", `zero_copy=True` has the GPU read the
     misses the plan gives it in place too, and runs a layer's GPU units while the CPU computes its
     own; off by default, because units read in place never enter the cache, and with a skewed
     routing that cost ~20% against copying them in (bench/results/2026-11-23-h100-direct/).
@@ -707,7 +729,7 @@ def load(model: str | os.PathLike | MemoryCheckpoint | None = None, vram_gb: flo
                           gather_limit=gather_limit, cuda_graphs=cuda_graphs, prefetch=prefetch,
                           lookahead=lookahead, predict_experts=predict_experts, schedule=schedule,
                           cpu_threads=cpu_threads, adaptive_cache=adaptive_cache, quant_cache=quant_cache,
-                          zero_copy=zero_copy)
+                          zero_copy=zero_copy, cpu_share=cpu_share)
     dev = resolve_device(device)
     source = model if isinstance(model, MemoryCheckpoint) else Checkpoint(resolve_model(model))
     if refactored is not None:

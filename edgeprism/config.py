@@ -194,6 +194,9 @@ class EngineConfig:
     adaptive_cache: bool = False  # per-layer cache shares re-solved from measured hit curves (schedule/adaptive.py)
     quant_cache: bool = True  # read/write quantized experts from/to disk (cache/quant_store.py)
     zero_copy: bool = False  # cpu/hybrid: the GPU reads the plan's misses in place from pinned host RAM (opt-in)
+    # direct: the CPU computes a share of each layer's misses inside the decode graph (schedule/cpu_share.py):
+    # True = a share adapted to this machine, a number in [0, 1] = that fixed fraction of the misses, None = off
+    cpu_share: float | bool | None = None
 
     def __post_init__(self) -> None:
         if self.vram_gb is not None and not self.vram_gb > 0:
@@ -217,6 +220,15 @@ class EngineConfig:
         if self.schedule == "direct" and not self.pin_memory:
             raise ConfigError("schedule='direct' has the GPU read experts straight from pinned host RAM, but "
                               "pin_memory=False; pin the experts or use schedule='fetch'.")
+        if self.cpu_share is False:
+            object.__setattr__(self, "cpu_share", None)  # False = off, as None
+        if self.cpu_share is not None and self.cpu_share is not True and (
+                not isinstance(self.cpu_share, (int, float)) or not 0.0 <= self.cpu_share <= 1.0):
+            raise ConfigError(f"cpu_share={self.cpu_share!r}: must be True (adapt the CPU's share of the misses), "
+                              "a fraction in [0, 1], or None (off).")
+        if self.cpu_share is not None and self.schedule != "direct":
+            raise ConfigError(f"cpu_share is a knob of schedule='direct' (got schedule={self.schedule!r}); "
+                              "schedule='cpu' or 'hybrid' compute misses on the CPU their own way.")
         if self.cpu_threads is not None and (isinstance(self.cpu_threads, bool) or not isinstance(self.cpu_threads, int)
                                              or self.cpu_threads < 1):
             raise ConfigError(f"cpu_threads={self.cpu_threads!r}: must be a positive integer or None.")

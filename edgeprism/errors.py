@@ -69,3 +69,7 @@ class ExpertDtypeError(EdgeprismError, ValueError):
 
 class ProfileError(EdgeprismError, ValueError):
     """An operating-points table (`edgeprism profile`'s JSON) is missing, unreadable, of another version, or invalid."""
+
+
+class DecodeSyncError(EdgeprismError, RuntimeError):
+    """A side of the CPU share of decode gave up waiting for the other (schedule/cpu_share.py)."""

@@ -56,8 +56,12 @@ class DirectCache:
         self.rows = torch.tensor(rows, dtype=torch.long, device=self.device)  # [E, G] host-arena row
         self.host_parts: dict[int, Parts] = {layer: store.parts(layer) for layer in store.layers}
         self.route_log = torch.zeros(L, top_k, dtype=torch.long, device=self.device)  # written by the graph
+        # which of those units the graph found mapped (the map it read, not the one the host has by
+        # the time it counts: admissions published in between were misses for that graph)
+        self.hit_log = torch.zeros(L, top_k * G, dtype=torch.bool, device=self.device)
         cuda = self.device.type == "cuda"
         self._host_route = torch.zeros(L, top_k, dtype=torch.long, pin_memory=cuda)
+        self._host_hit = torch.zeros(L, top_k * G, dtype=torch.bool, pin_memory=cuda)
         self._route_copied = torch.cuda.Event() if cuda else None
         self._logged = False  # _host_route holds a step's routing not yet processed
         self._published: dict[SubExpertKey, int] = {}
@@ -76,6 +80,7 @@ class DirectCache:
         self._host_stats = torch.zeros(L, 3, dtype=torch.float32, pin_memory=cuda)
         self._logged_lossy = False
         self.dropped, self.mass_kept, self.mass_routed = 0, 0.0, 0.0
+        self.cpu_share = None  # schedule/cpu_share.CpuShare: misses the CPU computes inside the graph
 
     # ----- inside the graph -----
 
@@ -83,7 +88,9 @@ class DirectCache:
         """Slots (-1 = read from the host arena) and host rows of one token's units ([k·G] each),
         and its routing recorded for the host. Device ops only (graph-safe)."""
         self.route_log[layer].copy_(ids.reshape(-1))
-        return self.dev_map[layer][ids].reshape(-1), self.rows[ids].reshape(-1)
+        slots = self.dev_map[layer][ids].reshape(-1)
+        self.hit_log[layer].copy_(slots >= 0)
+        return slots, self.rows[ids].reshape(-1)
 
     def drop_misses(self, layer: int, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """`weights` [A] with the lowest-weighted misses (slot < 0) zeroed while the dropped mass stays
@@ -123,6 +130,7 @@ class DirectCache:
     def read_routing(self) -> None:
         """Queue the copy of the step's routing to the host (right after its graph)."""
         self._host_route.copy_(self.route_log, non_blocking=self._route_copied is not None)
+        self._host_hit.copy_(self.hit_log, non_blocking=self._route_copied is not None)
         self._logged_lossy = self.lossy
         if self.lossy:
             self._host_stats.copy_(self.layer_stats, non_blocking=self._route_copied is not None)
@@ -139,18 +147,18 @@ class DirectCache:
         self._logged = False
         if self._route_copied is not None:
             self._route_copied.synchronize()  # queued before the running graph: already done
-        routes = self._host_route.tolist()
+        routes, found = self._host_route.tolist(), self._host_hit.tolist()
         if self._logged_lossy:
             dropped, kept, routed = (sum(col) for col in zip(*(self._host_stats[layer].tolist() for layer in self.layers)))
             self.dropped += round(dropped)
             self.mass_kept += kept
             self.mass_routed += routed
-        G, published, hits, missed = self.groups, self._published, [], []
+        G, hits, missed = self.groups, [], []
         for layer in self.layers:
-            for e in routes[layer]:
+            mapped = found[layer]
+            for i, e in enumerate(routes[layer]):
                 for g in range(G):
-                    key = SubExpertKey(layer, e, g)
-                    (hits if key in published else missed).append(key)
+                    (hits if mapped[i * G + g] else missed).append(SubExpertKey(layer, e, g))
         self.table.count_uses(hits, len(missed), step)
         self.hits += len(hits)
         self.misses += len(missed)

@@ -118,7 +118,11 @@ class OffloadedExperts:
         tokens, w = self._expand(x, ids, weights, units)
         if direct.lossy:
             w = direct.drop_misses(layer, slots, w)
-        return self.cache.format.grouped_direct(x, self.cache.parts, direct.host_parts[layer], slots, rows, tokens, w)
+        share = direct.cpu_share if direct.cpu_share is not None and direct.cpu_share.armed else None
+        if share is not None:  # part of the misses computed by the CPU meanwhile (schedule/cpu_share.py)
+            w = share.split(layer, x, slots, rows, w)
+        y = self.cache.format.grouped_direct(x, self.cache.parts, direct.host_parts[layer], slots, rows, tokens, w)
+        return share.merge(layer, y) if share is not None else y
 
     def _gathered(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                   units: torch.Tensor | None = None) -> torch.Tensor:

@@ -9,6 +9,8 @@ and run the same `Decoder.decode` eagerly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from edgeprism.models.decoder import Decoder
@@ -19,8 +21,11 @@ BUCKET = 256  # attention length grows in steps of this many positions (one grap
 class DecodeStep:
     """Runs `Decoder.decode` from device-side token/position buffers, replaying graphs when enabled."""
 
-    def __init__(self, model: Decoder, device: torch.device, use_graphs: bool) -> None:
+    def __init__(self, model: Decoder, device: torch.device, use_graphs: bool,
+                 before_run: Callable[[], None] | None = None) -> None:
         self.model, self.device = model, device
+        # called before every run that executes the step (eager, warm-up, replay), not before a capture
+        self.before_run = before_run
         self.use_graphs = use_graphs and device.type == "cuda"
         self.token = torch.zeros(1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
@@ -40,17 +45,24 @@ class DecodeStep:
         self.pos.fill_(pos)
         length = self.length(pos)
         if not self.use_graphs:
+            self._before_run()
             return self.model.decode(self.token, self.pos, length)
         if length not in self.graphs:
             self.graphs[length] = self._capture(length)
         graph, out = self.graphs[length]
+        self._before_run()
         graph.replay()
         return out
+
+    def _before_run(self) -> None:
+        if self.before_run is not None:
+            self.before_run()
 
     def _capture(self, length: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # Warm-up on a side stream (as CUDA graph capture requires); it rewrites the KV entry at
         # `pos` with the very values the replay will write, so it changes nothing.
         side = self.warmup_stream
+        self._before_run()
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             self.model.decode(self.token, self.pos, length)

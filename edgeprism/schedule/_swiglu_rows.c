@@ -251,3 +251,68 @@ void swiglu_rows(const char *arena, int kind, int64_t row_bytes, int64_t off13, 
         }
     }
 }
+
+/* ---- the CPU share of zero-copy decode (cache/cpu_share.py): one token's MoE layers, in order ----
+ *
+ * The GPU's decode graph publishes layer l as a record of `rec` floats in pub[l]: x [D], then per unit
+ * position a = 0..A-1 the host row (as a float, exact below 2^24) and its weight (0 = not the CPU's).
+ * Its last step writes gpu_flag[l] = seq (the data copies land before that write: one copy engine,
+ * in stream order). This loop waits for the flag, computes the layer's CPU units into y[l] [D] and
+ * releases cpu_flag[l] = seq, which a kernel of the graph polls before adding y[l] to the layer's
+ * output. Waits are spins with a pause (the GPU answers within microseconds); a wait longer than
+ * timeout_ns gives up and returns -1 - l, so a broken graph never hangs this thread; gpu_flag[l] = -seq
+ * (the host, after a failed run) returns -1 - n_layers. wait_ns[l] and
+ * busy_ns[l] get the time spent waiting for layer l and computing it. Returns CPU units computed. */
+#include <time.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define SPIN_PAUSE() _mm_pause()
+#else
+#define SPIN_PAUSE() ((void)0)
+#endif
+
+static inline int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+int64_t swiglu_token_loop(const int32_t *gpu_flag, int32_t *cpu_flag, int32_t seq, int n_layers,
+                          const float *pub, int64_t rec, int A, float *y, const int64_t *arenas, int kind,
+                          int64_t row_bytes, int64_t off13, int64_t off2, int64_t off_s13, int64_t off_s2,
+                          int64_t off_m13, int64_t off_m2, int D, int Ig, int gs, float *work, int64_t *rows,
+                          float *w, int threads, int64_t timeout_ns, int64_t *wait_ns, int64_t *busy_ns) {
+    int64_t computed = 0;
+    for (int l = 0; l < n_layers; l++) {
+        int64_t t0 = now_ns();
+        unsigned spins = 0;
+        int32_t f;
+        while ((f = __atomic_load_n(&gpu_flag[l], __ATOMIC_ACQUIRE)) != seq) {
+            if (f == -seq) return -1 - (int64_t)n_layers; /* the host aborted the token */
+            SPIN_PAUSE();
+            if ((++spins & 1023) == 0 && now_ns() - t0 > timeout_ns) return -1 - (int64_t)l;
+        }
+        int64_t t1 = now_ns();
+        const float *p = pub + (int64_t)l * rec, *x = p, *units = p + D;
+        int n = 0;
+        for (int a = 0; a < A; a++) {
+            float wa = units[2 * a + 1];
+            if (wa != 0.f) {
+                rows[n] = (int64_t)units[2 * a];
+                w[n++] = wa;
+            }
+        }
+        float *yl = y + (int64_t)l * D;
+        if (n)
+            swiglu_rows((const char *)arenas[l], kind, row_bytes, off13, off2, off_s13, off_s2, off_m13, off_m2,
+                        rows, w, n, D, Ig, gs, x, work, yl, threads);
+        else
+            memset(yl, 0, sizeof(float) * D);
+        computed += n;
+        __atomic_store_n(&cpu_flag[l], seq, __ATOMIC_RELEASE);
+        int64_t t2 = now_ns();
+        wait_ns[l] = t1 - t0;
+        busy_ns[l] = t2 - t1;
+    }
+    return computed;
+}

@@ -78,4 +78,7 @@ def load() -> ctypes.CDLL | None:
                                 ptr, i32]
     lib.swiglu_rows_work.restype = i64
     lib.swiglu_rows_work.argtypes = [i32, i32, i32, i32, i32]
+    lib.swiglu_token_loop.restype = i64
+    lib.swiglu_token_loop.argtypes = [ptr, ptr, i32, i32, ptr, i64, i32, ptr, ptr, i32, i64, i64, i64, i64, i64, i64,
+                                      i64, i32, i32, i32, ptr, ptr, ptr, i32, i64, ptr, ptr]
     return lib
