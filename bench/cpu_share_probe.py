@@ -73,7 +73,7 @@ def main() -> None:
             for n in args.units:
                 w = torch.rand(n, generator=gen)
                 times = []
-                for i in range(args.iters):
+                for _ in range(args.iters):
                     sel = sorted(torch.randperm(rows, generator=gen)[:n].tolist())
                     t0 = time.perf_counter()
                     path(x, arena, sel, w)

@@ -173,13 +173,14 @@ int64_t swiglu_rows_work(int kind, int n, int D, int Ig, int gs) {
  * workspace; y[D] output; gs: int4 group size (ignored by other kinds). One parallel region, static
  * loops (barriers between): every thread streams one contiguous stretch of rows in each phase, and
  * every output is summed by one thread in one order (the result does not depend on the thread count). */
-void swiglu_rows(const char *arena, int kind, int64_t row_bytes, int64_t off13, int64_t off2, int64_t off_s13,
-                 int64_t off_s2, int64_t off_m13, int64_t off_m2, const int64_t *rows, const float *w, int n,
-                 int D, int Ig, int gs, const float *x, float *work, float *y, int threads) {
+/* The body of swiglu_rows, run by every thread of an enclosing parallel region (its `omp for`s bind
+ * to that region): swiglu_rows opens one per call, swiglu_token_loop one per token. */
+static void swiglu_team(const char *arena, int kind, int64_t row_bytes, int64_t off13, int64_t off2, int64_t off_s13,
+                        int64_t off_s2, int64_t off_m13, int64_t off_m2, const int64_t *rows, const float *w, int n,
+                        int D, int Ig, int gs, const float *x, float *work, float *y) {
     float *act = work, *part = work + (int64_t)n * Ig;
     float *xd = part + (int64_t)n * D, *xs = xd + D, *as = xs + (kind == 3 ? D / gs : 0);
     const int int4 = kind == 3;
-#pragma omp parallel num_threads(threads)
     {
         /* phase 0 (int4): xd = x deinterleaved, xs[g] = sum of group g of x */
         if (int4) {
@@ -252,6 +253,14 @@ void swiglu_rows(const char *arena, int kind, int64_t row_bytes, int64_t off13, 
     }
 }
 
+void swiglu_rows(const char *arena, int kind, int64_t row_bytes, int64_t off13, int64_t off2, int64_t off_s13,
+                 int64_t off_s2, int64_t off_m13, int64_t off_m2, const int64_t *rows, const float *w, int n,
+                 int D, int Ig, int gs, const float *x, float *work, float *y, int threads) {
+#pragma omp parallel num_threads(threads)
+    swiglu_team(arena, kind, row_bytes, off13, off2, off_s13, off_s2, off_m13, off_m2, rows, w, n, D, Ig, gs, x,
+                work, y);
+}
+
 /* ---- the CPU share of zero-copy decode (cache/cpu_share.py): one token's MoE layers, in order ----
  *
  * The GPU's decode graph publishes layer l as a record of `rec` floats in pub[l]: x [D], then per unit
@@ -263,6 +272,7 @@ void swiglu_rows(const char *arena, int kind, int64_t row_bytes, int64_t off13, 
  * timeout_ns gives up and returns -1 - l, so a broken graph never hangs this thread; gpu_flag[l] = -seq
  * (the host, after a failed run) returns -1 - n_layers. wait_ns[l] and
  * busy_ns[l] get the time spent waiting for layer l and computing it. Returns CPU units computed. */
+#include <omp.h>
 #include <time.h>
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -282,37 +292,61 @@ int64_t swiglu_token_loop(const int32_t *gpu_flag, int32_t *cpu_flag, int32_t se
                           int64_t row_bytes, int64_t off13, int64_t off2, int64_t off_s13, int64_t off_s2,
                           int64_t off_m13, int64_t off_m2, int D, int Ig, int gs, float *work, int64_t *rows,
                           float *w, int threads, int64_t timeout_ns, int64_t *wait_ns, int64_t *busy_ns) {
-    int64_t computed = 0;
-    for (int l = 0; l < n_layers; l++) {
-        int64_t t0 = now_ns();
-        unsigned spins = 0;
-        int32_t f;
-        while ((f = __atomic_load_n(&gpu_flag[l], __ATOMIC_ACQUIRE)) != seq) {
-            if (f == -seq) return -1 - (int64_t)n_layers; /* the host aborted the token */
-            SPIN_PAUSE();
-            if ((++spins & 1023) == 0 && now_ns() - t0 > timeout_ns) return -1 - (int64_t)l;
-        }
-        int64_t t1 = now_ns();
-        const float *p = pub + (int64_t)l * rec, *x = p, *units = p + D;
-        int n = 0;
-        for (int a = 0; a < A; a++) {
-            float wa = units[2 * a + 1];
-            if (wa != 0.f) {
-                rows[n] = (int64_t)units[2 * a];
-                w[n++] = wa;
+    /* One parallel region for the whole token: every thread polls the GPU's flag itself, so none has
+     * to be woken per layer (a fork/join, or a sleeping team's wake-up, costs more than a small
+     * layer's compute). `code`: 0, or the first reason to stop, seen by all threads at a barrier. */
+    int64_t computed = 0, code = 0;
+    int n_units = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        const int master = omp_get_thread_num() == 0;
+        for (int l = 0; l < n_layers; l++) {
+            int64_t t0 = now_ns();
+            unsigned spins = 0;
+            for (;;) {
+                int32_t f = __atomic_load_n(&gpu_flag[l], __ATOMIC_ACQUIRE);
+                if (f == seq) break;
+                int64_t stop = 0;
+                if (f == -seq) stop = -1 - (int64_t)n_layers; /* the host aborted the token */
+                else if ((++spins & 1023) == 0 && now_ns() - t0 > timeout_ns) stop = -1 - (int64_t)l;
+                if (stop) {
+                    int64_t none = 0;
+                    __atomic_compare_exchange_n(&code, &none, stop, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+                }
+                if (__atomic_load_n(&code, __ATOMIC_ACQUIRE)) break;
+                SPIN_PAUSE();
+            }
+#pragma omp barrier
+            /* no thread changes `code` before every thread has read it: the next place it can be set
+             * is the next layer's poll, behind the barrier that ends the `single` below */
+            if (__atomic_load_n(&code, __ATOMIC_ACQUIRE)) break;
+            int64_t t1 = now_ns();
+            const float *p = pub + (int64_t)l * rec, *x = p, *units = p + D;
+            float *yl = y + (int64_t)l * D;
+#pragma omp single
+            {
+                int n = 0;
+                for (int a = 0; a < A; a++) {
+                    float wa = units[2 * a + 1];
+                    if (wa != 0.f) {
+                        rows[n] = (int64_t)units[2 * a];
+                        w[n++] = wa;
+                    }
+                }
+                if (!n) memset(yl, 0, sizeof(float) * D);
+                n_units = n;
+            } /* implicit barrier: every thread sees n_units, rows and w */
+            const int n = n_units;
+            if (n)
+                swiglu_team((const char *)arenas[l], kind, row_bytes, off13, off2, off_s13, off_s2, off_m13, off_m2,
+                            rows, w, n, D, Ig, gs, x, work, yl); /* ends with a barrier: y is complete */
+            if (master) {
+                computed += n;
+                __atomic_store_n(&cpu_flag[l], seq, __ATOMIC_RELEASE);
+                wait_ns[l] = t1 - t0;
+                busy_ns[l] = now_ns() - t1;
             }
         }
-        float *yl = y + (int64_t)l * D;
-        if (n)
-            swiglu_rows((const char *)arenas[l], kind, row_bytes, off13, off2, off_s13, off_s2, off_m13, off_m2,
-                        rows, w, n, D, Ig, gs, x, work, yl, threads);
-        else
-            memset(yl, 0, sizeof(float) * D);
-        computed += n;
-        __atomic_store_n(&cpu_flag[l], seq, __ATOMIC_RELEASE);
-        int64_t t2 = now_ns();
-        wait_ns[l] = t1 - t0;
-        busy_ns[l] = t2 - t1;
     }
-    return computed;
+    return code ? code : computed;
 }
