@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     if (args.expert_dtype or "").startswith("int") and "lru-expert" in systems:
         systems.remove("lru-expert")  # the baseline computes dense units only
     budgeted = ("edgeprism", "edgeprism-noprefetch", *SCHED_SYSTEMS, "edgeprism-latency", "edgeprism-direct-latency",
-                "lru-expert")
+                "edgeprism-direct-cpu-latency", "lru-expert")
     plan = [(s, b) for s in budgeted if s in systems for b in args.budgets]
     plan += [("resident", None)] if "resident" in systems else []
     plan += [("accelerate", b) for b in args.budgets] if "accelerate" in systems and cfg and device.type == "cuda" else []
@@ -386,6 +386,10 @@ def main(argv: list[str] | None = None) -> int:
             elif system == "edgeprism-direct-latency":  # direct, its floor moved to hold a latency target
                 gen = {"latency_ms": args.latency_ms[budget_index(args, budget)]}
                 rec = run_edgeprism(source, budget, args, system, gen=gen, schedule="direct")
+            elif system == "edgeprism-direct-cpu-latency":  # ... with the CPU share adapting beside it
+                gen = {"latency_ms": args.latency_ms[budget_index(args, budget)]}
+                rec = run_edgeprism(source, budget, args, system, gen=gen, schedule="direct", cpu_share=True,
+                                    cpu_threads=args.cpu_threads)
             elif system == "edgeprism-latency":  # hybrid holding a per-token latency target
                 gen = {"latency_ms": args.latency_ms[budget_index(args, budget)]}
                 rec = run_edgeprism(source, budget, args, system, gen=gen, cpu_threads=args.cpu_threads, schedule="hybrid")

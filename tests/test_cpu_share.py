@@ -83,19 +83,51 @@ def test_cpu_share_with_groups_and_quantized_units(checkpoints):
         eng.close()
 
 
-def test_adaptive_share_moves_with_gpu_waits(checkpoints):
+def test_adaptive_share_climbs_towards_faster_steps(checkpoints):
+    """The hill climb on step times: keeps going while steps get faster, turns back when they get
+    slower, turns around at the ends, and ignores steps far longer than the last median."""
+    from edgeprism.schedule import cpu_share as cs
+
     eng = load_cpu(checkpoints["olmoe"], schedule="direct", cache_fraction=0.25, cpu_share=True)
     share = eng.experts.direct.cpu_share
-    start = share.frac_value
-    share.adapt(late=1.0)  # every layer waited for the CPU: give it less
-    assert share.frac_value == pytest.approx(start - 0.02)
-    share.adapt(late=0.0)
-    share.adapt(late=0.0)
-    assert share.frac_value == pytest.approx(start + 0.02)
+    share.set_frac(0.5)
+    share._window.clear()
+    share._last_median, share._direction = None, 1
+
+    def window(seconds):
+        for _ in range(cs.ADAPT_WINDOW):
+            share.observe_step(seconds)
+
+    window(1.0)
+    assert share.frac_value == pytest.approx(0.6)  # first window: a step in the current direction
+    window(0.8)
+    assert share.frac_value == pytest.approx(0.7)  # faster: keep going
+    window(0.9)
+    assert share.frac_value == pytest.approx(0.6)  # slower: back
+    share.observe_step(100.0)  # a prefill in between: left out
+    assert share._window == []
+    share.set_frac(0.0)
+    share._direction = -1
+    window(0.9)
+    assert share.frac_value == pytest.approx(0.1)  # at 0: turn around
     assert float(share.frac) == pytest.approx(share.frac_value)
-    share.set_frac(1.0)
-    share.adapt(late=0.0)
-    assert share.frac_value == 1.0  # clamped
+    eng.close()
+
+
+def test_adaptive_share_decodes_the_same_tokens_at_every_frac(checkpoints, direct_ref):
+    """Across the climb the step switches between graphs with and without the share (frac 0)."""
+    from edgeprism.schedule import cpu_share as cs
+
+    ref_logits, ref_tokens = direct_ref["olmoe"]
+    eng = load_cpu(checkpoints["olmoe"], schedule="direct", cache_fraction=0.25, cpu_share=True)
+    share = eng.experts.direct.cpu_share
+    for frac in (0.0, 0.3, 1.0, 0.0):
+        share.set_frac(frac)
+        share.adaptive = False  # hold it here for this request
+        assert eng.generate_ids(PROMPT, max_new_tokens=12) == ref_tokens, frac
+        assert eng.decode_step.sharing == (frac > 0)
+    assert (False, True) in eng.decode_step._steps and (False, False) in eng.decode_step._steps
+    assert cs.ADAPT_STEP > 0
     eng.close()
 
 

@@ -19,6 +19,8 @@ a capture) starts that loop first (`DecodeStep.before_run`).
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from edgeprism.models.decoder import Decoder
@@ -32,30 +34,44 @@ class DirectDecode:
     def __init__(self, model: Decoder, experts: OffloadedExperts, device: torch.device, use_graphs: bool) -> None:
         assert experts.direct is not None
         self.share = experts.direct.cpu_share
-        self._begin = self.share.begin if self.share is not None else None
-        self.exact = DecodeStep(model, device, use_graphs, self._begin)
-        self._lossy: DecodeStep | None = None  # graphs with the in-graph dropping of misses (floor < 1)
+        self.exact = DecodeStep(model, device, use_graphs)
         self.model, self.device, self.experts, self.direct = model, device, experts, experts.direct
+        # graphs by (drops misses under a floor < 1, carries the CPU share): captured on first use
+        self._steps: dict[tuple[bool, bool], DecodeStep] = {(False, False): self.exact}
+        self._last_start: float | None = None
 
     @property
     def use_graphs(self) -> bool:
         return self.exact.use_graphs
 
     @property
+    def sharing(self) -> bool:
+        """Whether the next step hands part of the misses to the CPU (a share above 0)."""
+        return self.share is not None and self.share.frac_value > 0
+
+    @property
     def step(self) -> DecodeStep:
-        """The exact graphs, or (quality floor < 1) the ones that drop low-weighted misses."""
-        if not self.direct.lossy:
-            return self.exact
-        if self._lossy is None:
-            self._lossy = DecodeStep(self.model, self.device, self.exact.use_graphs, self._begin)
-        return self._lossy
+        """The graphs for the current mode: exact or (quality floor < 1) dropping low-weighted
+        misses, with or without the CPU share."""
+        key = (self.direct.lossy, self.sharing)
+        if key not in self._steps:
+            begin = self.share.begin if key[1] else None
+            self._steps[key] = DecodeStep(self.model, self.device, self.exact.use_graphs, begin)
+        return self._steps[key]
 
     def __call__(self, token: int, pos: int) -> torch.Tensor:
         """Logits [1, V] of `token` at position `pos` (the KV cache holds positions < pos)."""
         d = self.direct
         d.before_step()
         share = self.share
-        if share is None:
+        if share is not None:
+            now = time.perf_counter()
+            if self._last_start is not None:
+                share.observe_step(now - self._last_start)  # adaptive share: a hill climb on step times
+            self._last_start = now
+        if not self.sharing:
+            if share is not None:
+                share.finish()  # a loop of an earlier shared step (its graph has finished)
             out = self.step(token, pos)
         else:
             share.armed = True

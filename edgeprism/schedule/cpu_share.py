@@ -23,9 +23,9 @@ gpu_flag[j] = n+1, which the GPU sets after it merged y[j] of token n; the GPU r
 only after cpu_flag[j] = n, i.e. after the CPU read it). Sequence numbers, not booleans, so a stale
 flag of the previous token never matches.
 
-`frac` is the knob: fixed (`cpu_share=0.4`) or, with `cpu_share=True`, moved between tokens by how
-long the GPU waited for the CPU (`adapt`): the CPU takes more while the GPU never waits for it, less
-once it does. Outputs equal the GPU-only path within dtype tolerance (the CPU sums in fp32 in another
+`frac` is the knob: fixed (`cpu_share=0.4`) or, with `cpu_share=True`, a hill climb on measured
+decode step times (`observe_step`), which may settle at 0 where the hand-off costs more than the CPU
+saves (e.g. when nearly every unit is cached). Outputs equal the GPU-only path within dtype tolerance (the CPU sums in fp32 in another
 order), so with an adaptive share they are not bit-reproducible from run to run.
 
 Off the GPU (tests), the same protocol runs with host tensors: copies are synchronous and `merge`
@@ -46,7 +46,9 @@ from edgeprism.schedule.cpu_experts import default_threads, native_layout
 
 TIMEOUT_S = 5.0  # a side that waits this long for the other gives up (a bug, never a slow machine)
 GPU_WAIT_POLLS = 8  # a layer whose merge polled more than this waited for the CPU (a poll ≈ 1 µs of PCIe)
-ADAPT_STEP = 0.02  # how far `frac` moves per token in adaptive mode
+ADAPT_STEP = 0.1  # how far `frac` moves per window in adaptive mode
+ADAPT_WINDOW = 8  # decode steps per measurement window
+ADAPT_TOLERANCE = 0.02  # a window this much slower than the last counts as worse (noise below it)
 
 
 class CpuShare:
@@ -67,6 +69,9 @@ class CpuShare:
         self.M, self.D, self.A, self.rec = M, D, A, D + 2 * A
         self.adaptive = frac is None
         self.frac_value = 0.5 if frac is None else float(frac)
+        self._window: list[float] = []  # adaptive mode: step times at the current frac
+        self._last_median: float | None = None
+        self._direction = 1
         self.threads = threads or max(1, default_threads() - 1)  # one core for the CPU loop's host peer
         self.timeout_s = timeout_s
         cuda = device.type == "cuda"
@@ -179,8 +184,6 @@ class CpuShare:
         self.busy_s += float(self.busy_ns.sum()) * 1e-9
         self.wait_s += float(self.wait_ns.sum()) * 1e-9
         self.gpu_waits += waited
-        if self.adaptive:
-            self.adapt(waited / max(1, self.M))
 
     def abort(self) -> None:
         """After a run that failed: stop the CPU loop now (it would wait for flags that never come)."""
@@ -188,10 +191,29 @@ class CpuShare:
             self.gpu_flag.fill_(-self.seq)  # host memory: the loop sees it at its next poll
             self.finish()
 
-    def adapt(self, late: float) -> None:
-        """Move `frac`: down when more than a quarter of the layers waited for the CPU, else up."""
-        step = -ADAPT_STEP if late > 0.25 else ADAPT_STEP
-        self.set_frac(min(1.0, max(0.0, self.frac_value + step)))
+    def observe_step(self, seconds: float) -> None:
+        """Adaptive mode: one decode step's time (start to start). Every `ADAPT_WINDOW` steps the
+        window's median is compared with the previous window's: `frac` keeps moving the way that
+        made steps faster and turns back when they got slower (a hill climb over 0, 0.1, ..., 1;
+        at 0 the decode step runs without the share, and pays none of its per-layer hand-off).
+        Steps much longer than the last median (a prefill or a pause in between) are left out."""
+        if not self.adaptive:
+            return
+        if self._last_median is not None and seconds > 3 * self._last_median:
+            return
+        self._window.append(seconds)
+        if len(self._window) < ADAPT_WINDOW:
+            return
+        median = sorted(self._window)[len(self._window) // 2]
+        self._window.clear()
+        if self._last_median is not None and median > self._last_median * (1 + ADAPT_TOLERANCE):
+            self._direction = -self._direction  # worse than before: go back the other way
+        self._last_median = median
+        frac = round(self.frac_value + self._direction * ADAPT_STEP, 6)
+        if not 0.0 <= frac <= 1.0:  # at an end: turn around
+            self._direction = -self._direction
+            frac = round(self.frac_value + self._direction * ADAPT_STEP, 6)
+        self.set_frac(frac)
 
     def set_frac(self, frac: float) -> None:
         self.frac_value = frac
