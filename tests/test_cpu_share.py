@@ -84,33 +84,38 @@ def test_cpu_share_with_groups_and_quantized_units(checkpoints):
 
 
 def test_adaptive_share_climbs_towards_faster_steps(checkpoints):
-    """The hill climb on step times: keeps going while steps get faster, turns back when they get
-    slower, turns around at the ends, and ignores steps far longer than the last median."""
+    """Explores 0.5 and 0, climbs from the faster, turns back when steps get slower, turns around
+    at the ends, jumps back to the best share after a much slower window, and ignores steps far
+    longer than the last median."""
     from edgeprism.schedule import cpu_share as cs
 
     eng = load_cpu(checkpoints["olmoe"], schedule="direct", cache_fraction=0.25, cpu_share=True)
     share = eng.experts.direct.cpu_share
-    share.set_frac(0.5)
-    share._window.clear()
-    share._last_median, share._direction = None, 1
+    assert share.frac_value == 0.5
 
     def window(seconds):
         for _ in range(cs.ADAPT_WINDOW):
             share.observe_step(seconds)
 
     window(1.0)
-    assert share.frac_value == pytest.approx(0.6)  # first window: a step in the current direction
-    window(0.8)
-    assert share.frac_value == pytest.approx(0.7)  # faster: keep going
+    assert share.frac_value == 0.0  # explore: no share
+    window(1.5)
+    assert share.frac_value == 0.5  # 0.5 was faster: climb from there
     window(0.9)
+    assert share.frac_value == pytest.approx(0.6)  # faster: keep going
+    window(0.8)
+    assert share.frac_value == pytest.approx(0.7)
+    window(0.85)
     assert share.frac_value == pytest.approx(0.6)  # slower: back
+    window(2.0)
+    assert share.frac_value == pytest.approx(0.7)  # far slower than the best (0.7 at 0.8 s): back to it
     share.observe_step(100.0)  # a prefill in between: left out
     assert share._window == []
-    share.set_frac(0.0)
-    share._direction = -1
-    window(0.9)
-    assert share.frac_value == pytest.approx(0.1)  # at 0: turn around
     assert float(share.frac) == pytest.approx(share.frac_value)
+    share.set_frac(1.0)
+    share._direction, share._last_median, share._best = 1, 1.0, (1.0, 1.0)
+    window(0.99)
+    assert share.frac_value == pytest.approx(0.9)  # at 1: turn around
     eng.close()
 
 

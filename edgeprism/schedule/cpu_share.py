@@ -49,6 +49,7 @@ GPU_WAIT_POLLS = 8  # a layer whose merge polled more than this waited for the C
 ADAPT_STEP = 0.1  # how far `frac` moves per window in adaptive mode
 ADAPT_WINDOW = 8  # decode steps per measurement window
 ADAPT_TOLERANCE = 0.02  # a window this much slower than the last counts as worse (noise below it)
+ADAPT_JUMP = 1.15  # a window this many times slower than the best seen returns to the best's frac
 
 
 class CpuShare:
@@ -72,6 +73,8 @@ class CpuShare:
         self._window: list[float] = []  # adaptive mode: step times at the current frac
         self._last_median: float | None = None
         self._direction = 1
+        self._windows = 0  # windows measured
+        self._best: tuple[float, float] | None = None  # (median, frac) of the fastest window seen
         self.threads = threads or max(1, default_threads() - 1)  # one core for the CPU loop's host peer
         self.timeout_s = timeout_s
         cuda = device.type == "cuda"
@@ -193,9 +196,15 @@ class CpuShare:
 
     def observe_step(self, seconds: float) -> None:
         """Adaptive mode: one decode step's time (start to start). Every `ADAPT_WINDOW` steps the
-        window's median is compared with the previous window's: `frac` keeps moving the way that
-        made steps faster and turns back when they got slower (a hill climb over 0, 0.1, ..., 1;
-        at 0 the decode step runs without the share, and pays none of its per-layer hand-off).
+        window's median decides the next `frac`:
+
+        - the first two windows run at 0.5 and at 0 (no share: the decode step then runs the graphs
+          without it and pays none of the per-layer hand-off), and the climb starts from the faster;
+        - then a hill climb over 0, 0.1, ..., 1: keep moving the way that made steps faster, turn
+          back when they got slower (by more than `ADAPT_TOLERANCE`), turn around at the ends;
+        - a window more than `ADAPT_JUMP` × slower than the best one seen (which fades by 1% a
+          window, so an old best does not hold forever) goes straight back to the best's frac.
+
         Steps much longer than the last median (a prefill or a pause in between) are left out."""
         if not self.adaptive:
             return
@@ -206,6 +215,21 @@ class CpuShare:
             return
         median = sorted(self._window)[len(self._window) // 2]
         self._window.clear()
+        self._windows += 1
+        best = self._best
+        if best is not None:
+            best = (best[0] * 1.01, best[1])
+        if best is None or median < best[0]:
+            best = (median, self.frac_value)
+        self._best = best
+        if self._windows == 1:  # explore: the same steps without the share
+            self._last_median = median
+            self.set_frac(0.0)
+            return
+        if self._windows == 2 or (median > best[0] * ADAPT_JUMP and best[1] != self.frac_value):
+            self._last_median, self._direction = best[0], 1
+            self.set_frac(best[1])
+            return
         if self._last_median is not None and median > self._last_median * (1 + ADAPT_TOLERANCE):
             self._direction = -self._direction  # worse than before: go back the other way
         self._last_median = median
