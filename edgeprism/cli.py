@@ -32,8 +32,23 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
                    help="cache misses in decode: copy to the GPU, compute on the CPU, choose per layer, or have "
                    "the GPU read them in place from pinned host RAM (direct)")
     p.add_argument("--cpu-threads", type=int, default=None, help="threads of the CPU expert path (default CPUs − 1)")
+    p.add_argument("--cpu-share", type=_cpu_share, default=None, metavar="auto|FRACTION",
+                   help="with --schedule direct: the CPU computes part of each layer's misses inside the decode "
+                   "graph — 'auto' adapts the share to measured step times, a number in [0, 1] fixes it")
     p.add_argument("--groups", type=int, default=None, help="sub-experts per expert (default 1, or a refactored "
                    "model's own)")
+
+
+def _cpu_share(text: str) -> float | bool:
+    if text == "auto":
+        return True
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use 'auto' or a fraction in [0, 1]") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a fraction must lie in [0, 1] (or use 'auto')")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -134,7 +149,7 @@ def _load(args: argparse.Namespace, progress=None, **overrides):  # noqa: ANN001
 
     options = dict(vram_gb=args.vram_gb, device=args.device, dtype=args.dtype, policy=args.policy,
                    expert_dtype=args.expert_dtype, max_context=args.max_context, schedule=args.schedule,
-                   cpu_threads=args.cpu_threads, groups=args.groups, progress=progress)
+                   cpu_threads=args.cpu_threads, cpu_share=args.cpu_share, groups=args.groups, progress=progress)
     options.update(overrides)
     return load(args.model, **options)
 

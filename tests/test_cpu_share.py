@@ -205,3 +205,21 @@ def _done(n):
     f = Future()
     f.set_result(n)
     return f
+
+
+def test_cli_cpu_share_option():
+    """`--cpu-share auto|FRACTION` reaches load(); a bad value is a clean usage error."""
+    import subprocess
+    import sys
+
+    from edgeprism.cli import _cpu_share
+
+    assert _cpu_share("auto") is True and _cpu_share("0.4") == 0.4
+    res = subprocess.run([sys.executable, "-m", "edgeprism.cli", "generate", "hi", "--cpu-share", "2"],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "[0, 1]" in res.stderr and "Traceback" not in res.stderr
+    out = subprocess.run([sys.executable, "-m", "edgeprism.cli", "generate", "The", "--device", "cpu", "--schedule",
+                          "direct", "--cpu-share", "auto", "--max-new-tokens", "4", "--stats", "--vram-gb", "0.14"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-800:]
+    assert "cpu_share_units" in out.stderr
