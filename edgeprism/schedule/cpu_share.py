@@ -6,9 +6,11 @@ the CPU *inside* the token's CUDA graph, with no host step between layers:
 
 1. `split` (in the graph, per MoE layer): of the layer's missed assignments (slot < 0, weight > 0)
    the first ⌊frac · misses⌋ are the CPU's. The layer's record — x [D], then (host row, weight) per
-   assignment, weight 0 where the CPU has nothing to do — is copied to pinned host RAM, then the
-   token's sequence number is copied into `gpu_flag[j]`. Both are copies on the graph's stream, one
-   after the other, so the flag lands after the record. The GPU's own kernels then run with the CPU's
+   assignment, weight 0 where the CPU has nothing to do — goes to pinned host RAM, then the token's
+   sequence number into `gpu_flag[j]`. On a GPU one Triton kernel stores both through the mapping,
+   fencing its stores at system scope before the flag; otherwise (and with
+   EDGEPRISM_SHARE_SPLIT=torch) device ops and two copies on one stream, so the flag lands after the
+   record. The GPU's own kernels then run with the CPU's
    units at weight 0 (they read nothing for them).
 2. The CPU (`_swiglu_rows.c: swiglu_token_loop`, one ctypes call per token on a worker thread, the GIL
    released) waits for `gpu_flag[j]`, computes its units of layer j from the host arena straight into
@@ -34,6 +36,7 @@ polls from Python.
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -97,6 +100,9 @@ class CpuShare:
         self.polls = torch.zeros(M, dtype=torch.int32, device=device)
         self.status = torch.zeros(1, dtype=torch.int32, device=device)
         self._host_polls = torch.zeros(M, dtype=torch.int32, pin_memory=cuda)
+        # on a GPU one Triton kernel writes the record and the flag into host RAM (EDGEPRISM_SHARE_SPLIT=torch:
+        # device ops and two copies instead, ~4x the per-layer hand-off)
+        self.fused = cuda and os.environ.get("EDGEPRISM_SHARE_SPLIT", "triton") != "torch"
         self.seq = 0
         self.armed = False  # set by the direct decode step around the runs that include the share
         self._pool: ThreadPoolExecutor | None = None
@@ -112,6 +118,11 @@ class CpuShare:
         """Publish layer `layer`'s CPU units and return the GPU's weights (the CPU's zeroed). x [1, D];
         slots, rows, weights [A]. Device ops and copies only (graph-safe)."""
         j = self.index[layer]
+        if self.fused:
+            from edgeprism.schedule import cpu_share_triton
+
+            return cpu_share_triton.split(x, slots, rows, weights, self.frac, self.seq_dev, self.pub[j],
+                                          self.gpu_flag[j:j + 1])
         w = weights.float()
         miss = (slots < 0) & (w != 0)
         rank = miss.cumsum(0) - 1

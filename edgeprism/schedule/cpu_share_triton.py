@@ -1,11 +1,53 @@
-"""The GPU side of the CPU share's merge (schedule/cpu_share.py): poll a flag in pinned host RAM, then
-add the CPU's partial output. One small kernel per MoE layer, captured in the decode graph."""
+"""The GPU side of the CPU share (schedule/cpu_share.py), two small kernels per MoE layer, captured in the
+decode graph: `split` picks the CPU's units and writes the layer's record and flag straight into pinned
+host RAM; `merge` polls the CPU's flag there, then adds the CPU's partial output."""
 
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _split_kernel(x_ptr, slots_ptr, rows_ptr, w_ptr, frac_ptr, seq_ptr, pub_ptr, flag_ptr, wgpu_ptr, D, A,
+                  BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr):
+    a = tl.arange(0, BLOCK_A)
+    am = a < A
+    slots = tl.load(slots_ptr + a, mask=am, other=0)
+    w_in = tl.load(w_ptr + a, mask=am, other=0.0)
+    w = w_in.to(tl.float32)
+    rows = tl.load(rows_ptr + a, mask=am, other=0)
+    mi = ((slots < 0) & (w != 0.0) & am).to(tl.int32)
+    rank = tl.cumsum(mi, 0) - mi  # misses before this one
+    n_cpu = tl.floor(tl.sum(mi, 0).to(tl.float32) * tl.load(frac_ptr))
+    cpu = (mi > 0) & (rank.to(tl.float32) < n_cpu)
+    tl.store(wgpu_ptr + a, tl.where(cpu, 0.0, w).to(wgpu_ptr.dtype.element_ty), mask=am)
+    # the record, straight into pinned host RAM (mapped): x, then (row, weight) per assignment
+    for d0 in range(0, D, BLOCK_D):
+        offs = d0 + tl.arange(0, BLOCK_D)
+        dm = offs < D
+        tl.store(pub_ptr + offs, tl.load(x_ptr + offs, mask=dm, other=0.0).to(tl.float32), mask=dm)
+    tl.store(pub_ptr + D + 2 * a, rows.to(tl.float32), mask=am)
+    tl.store(pub_ptr + D + 2 * a + 1, tl.where(cpu, w, 0.0), mask=am)
+    # every thread fences its own stores at system scope, all meet at the barrier, then the flag:
+    # the host never sees the flag before the record (the __threadfence_system() pattern)
+    seq = tl.load(seq_ptr + a * 0)
+    seq = tl.inline_asm_elementwise("fence.sc.sys; mov.b32 $0, $1;", "=r,r", [seq], dtype=tl.int32, is_pure=False,
+                                    pack=1)
+    tl.debug_barrier()
+    tl.store(flag_ptr + a * 0, seq, mask=a == 0)
+
+
+def split(x: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, frac: torch.Tensor,
+          seq: torch.Tensor, pub: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
+    """The CPU's units of one layer: record and flag written to host memory (pub [D + 2A], flag [1]);
+    returns the GPU's weights [A] (the CPU's zeroed)."""
+    A, D = slots.numel(), x.shape[-1]
+    out = torch.empty_like(w)
+    _split_kernel[(1,)](x.reshape(-1), slots, rows, w.contiguous(), frac, seq, pub, flag, out, D, A,
+                        BLOCK_D=1024, BLOCK_A=max(16, triton.next_power_of_2(A)), num_warps=1)
+    return out
 
 
 @triton.jit

@@ -66,3 +66,18 @@ def test_cpu_share_with_quality_floor_on_cuda(checkpoints):
     assert eng.generate_ids(IDS, max_new_tokens=16) == exact
     assert eng.stats()["cpu_share_units"] > 0
     eng.close()
+
+
+def test_fused_and_torch_split_agree_on_cuda(checkpoints, monkeypatch):
+    """The Triton split (record and flag stored through the host mapping, fenced) and the torch split
+    (device ops and two copies) hand the CPU the same units: the same tokens and unit counts."""
+    path = checkpoints["qwen3moe-headdim"]
+    kw = dict(device="cuda", dtype="fp32", cache_fraction=0.3, schedule="direct", cpu_share=0.5)
+    runs = {}
+    for mode in ("triton", "torch"):
+        monkeypatch.setenv("EDGEPRISM_SHARE_SPLIT", mode)
+        eng = edgeprism.load(path, **kw)
+        assert eng.experts.direct.cpu_share.fused == (mode == "triton")
+        runs[mode] = (eng.generate_ids(IDS, max_new_tokens=24), eng.stats()["cpu_share_units"])
+        eng.close()
+    assert runs["triton"] == runs["torch"] and runs["triton"][1] > 0
