@@ -84,8 +84,8 @@ def test_cpu_share_with_groups_and_quantized_units(checkpoints):
 
 
 def test_adaptive_share_climbs_towards_faster_steps(checkpoints):
-    """Explores 0.5 and 0, climbs from the faster, turns back when steps get slower, turns around
-    at the ends, jumps back to the best share after a much slower window, and ignores steps far
+    """Climbs from 0.5, turns back when steps get slower, jumps back to the best share after a much
+    slower window, turns around at the ends, reaches 0 when that is faster, and ignores steps far
     longer than the last median."""
     from edgeprism.schedule import cpu_share as cs
 
@@ -98,17 +98,17 @@ def test_adaptive_share_climbs_towards_faster_steps(checkpoints):
             share.observe_step(seconds)
 
     window(1.0)
-    assert share.frac_value == 0.0  # explore: no share
-    window(1.5)
-    assert share.frac_value == 0.5  # 0.5 was faster: climb from there
+    assert share.frac_value == pytest.approx(0.6)  # first window: a step up
     window(0.9)
-    assert share.frac_value == pytest.approx(0.6)  # faster: keep going
+    assert share.frac_value == pytest.approx(0.7)  # faster: keep going
     window(0.8)
-    assert share.frac_value == pytest.approx(0.7)
+    assert share.frac_value == pytest.approx(0.8)
     window(0.85)
-    assert share.frac_value == pytest.approx(0.6)  # slower: back
+    assert share.frac_value == pytest.approx(0.7)  # slower: back
+    window(0.8)
+    assert share.frac_value == pytest.approx(0.6)  # no slower: keep going down
     window(2.0)
-    assert share.frac_value == pytest.approx(0.7)  # far slower than the best (0.7 at 0.8 s): back to it
+    assert share.frac_value == pytest.approx(0.7)  # far slower than the best (0.8 s at 0.7): straight back
     share.observe_step(100.0)  # a prefill in between: left out
     assert share._window == []
     assert float(share.frac) == pytest.approx(share.frac_value)
@@ -116,6 +116,10 @@ def test_adaptive_share_climbs_towards_faster_steps(checkpoints):
     share._direction, share._last_median, share._best = 1, 1.0, (1.0, 1.0)
     window(0.99)
     assert share.frac_value == pytest.approx(0.9)  # at 1: turn around
+    # steps that get faster all the way down reach 0, where the graphs without the share run
+    for t in (0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3):
+        window(t)
+    assert share.frac_value == 0.0 and not eng.decode_step.sharing
     eng.close()
 
 
