@@ -427,11 +427,16 @@ class Engine:
         sched, direct = self.sched, self.experts.direct
         if direct is not None:  # the floor of the in-graph dropping of misses (fixed, or a latency loop's)
             direct.set_floor(qos.targets()[0] if qos is not None else 1.0)
+            share, latency = direct.cpu_share, qos is not None and qos.latency_s is not None
+            if share is not None:  # one controller at a time: the latency loop's floor, not the share's climb
+                share.held = latency
             t0 = time.perf_counter()
             try:
                 logits = self._run([tok], pos, last_only=True, keep=keep)
             finally:
                 direct.set_floor(1.0)
+                if share is not None:
+                    share.held = False
             if qos is not None and qos.latency_s is not None:
                 if logits.device.type == "cuda":
                     torch.cuda.current_stream(logits.device).synchronize()  # the step's time includes the GPU's

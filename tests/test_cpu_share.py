@@ -140,6 +140,16 @@ def test_adaptive_share_decodes_the_same_tokens_at_every_frac(checkpoints, direc
     eng.close()
 
 
+def test_latency_target_holds_the_adaptive_share(checkpoints, direct_ref):
+    """With latency_ms the floor controller is the one loop on step time: the share's climb holds."""
+    eng = load_cpu(checkpoints["olmoe"], schedule="direct", cache_fraction=0.25, cpu_share=True)
+    share = eng.experts.direct.cpu_share
+    eng.generate_ids(PROMPT, max_new_tokens=40, latency_ms=1e6)
+    assert share.frac_value == 0.5 and share._window == [] and not share.held
+    assert eng.generate_ids(PROMPT, max_new_tokens=12) == direct_ref["olmoe"][1]
+    eng.close()
+
+
 @pytest.mark.parametrize("bad", [1.5, -0.1, "half", [0.5]])
 def test_cpu_share_rejects_bad_values(checkpoints, bad):
     with pytest.raises(ConfigError, match="cpu_share"):

@@ -96,15 +96,19 @@ class CpuShare:
         # device side
         self.seq_dev = torch.zeros(1, dtype=torch.int32, device=device)
         self.frac = torch.full((), self.frac_value, dtype=torch.float32, device=device)
-        self.stage = torch.zeros(M, self.rec, dtype=torch.float32, device=device)
         self.polls = torch.zeros(M, dtype=torch.int32, device=device)
         self.status = torch.zeros(1, dtype=torch.int32, device=device)
         self._host_polls = torch.zeros(M, dtype=torch.int32, pin_memory=cuda)
         # on a GPU one Triton kernel writes the record and the flag into host RAM (EDGEPRISM_SHARE_SPLIT=torch:
         # device ops and two copies instead, ~4x the per-layer hand-off)
         self.fused = cuda and os.environ.get("EDGEPRISM_SHARE_SPLIT", "triton") != "torch"
+        # the torch split assembles each record on the device before its copy (the fused kernel needs none)
+        self.stage = None if self.fused else torch.zeros(M, self.rec, dtype=torch.float32, device=device)
         self.seq = 0
         self.armed = False  # set by the direct decode step around the runs that include the share
+        # set while a latency target's controller moves the floor: two loops on one step time fight (the
+        # share's climb then holds its frac; measured on the H100 box, bench/results/2026-11-23-h100-cpu-share/)
+        self.held = False
         self._pool: ThreadPoolExecutor | None = None
         self._running: Future[int] | None = None
         self.units = self.tokens = 0
@@ -220,7 +224,7 @@ class CpuShare:
         latency tail; with the hand-off at ~11 µs a layer the climb reaches 0 on its own where the
         share does not pay. Steps much longer than the last median (a prefill or a pause in
         between) are left out."""
-        if not self.adaptive:
+        if not self.adaptive or self.held:
             return
         if self._last_median is not None and seconds > 3 * self._last_median:
             return
