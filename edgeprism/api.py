@@ -605,8 +605,9 @@ class Engine:
 
     def _cpu_share_stats(self) -> dict:
         share = self.experts.direct.cpu_share
-        share.finish()  # the last token's loop: its graph has finished (the caller has its logits)
-        return share.summary(self.plan.unit_bytes)
+        with self._lock:  # between tokens (a stream holds the lock per token), never mid-step
+            share.finish()  # the last token's loop: its graph has finished (the caller has its logits)
+            return share.summary(self.plan.unit_bytes)
 
     def _zero_copy_units(self) -> int:
         """Units the GPU read in place from host RAM (schedule="direct", or a plan's misses with zero_copy)."""
