@@ -111,8 +111,8 @@ class CpuShare:
         self.held = False
         self._pool: ThreadPoolExecutor | None = None
         self._running: Future[int] | None = None
-        self.units = self.tokens = 0
-        self.busy_s = self.wait_s = 0.0
+        self.units = self.runs = 0  # CPU units computed, loops run
+        self.busy_s = self.wait_s = 0.0  # the loops' time computing, and waiting for the GPU's flags
         self.gpu_waits = 0  # layers whose merge waited for the CPU
 
     # ----- inside the graph -----
@@ -198,7 +198,7 @@ class CpuShare:
         polls = self._host_polls.tolist()
         waited = sum(p > GPU_WAIT_POLLS for p in polls)
         self.units += int(n)
-        self.tokens += 1
+        self.runs += 1
         self.busy_s += float(self.busy_ns.sum()) * 1e-9
         self.wait_s += float(self.wait_ns.sum()) * 1e-9
         self.gpu_waits += waited
@@ -261,10 +261,10 @@ class CpuShare:
         return {"cpu_share": self.frac_value, "cpu_share_units": self.units,
                 "cpu_share_bytes": self.units * unit_bytes, "cpu_share_busy_s": self.busy_s,
                 "cpu_share_gbps": self.units * unit_bytes / self.busy_s / 1e9 if self.busy_s > 0 else None,
-                "cpu_share_gpu_waits": self.gpu_waits}
+                "cpu_share_gpu_waits": self.gpu_waits, "cpu_share_runs": self.runs, "cpu_share_wait_s": self.wait_s}
 
     def reset_stats(self) -> None:
-        self.units = self.tokens = self.gpu_waits = 0
+        self.units = self.runs = self.gpu_waits = 0
         self.busy_s = self.wait_s = 0.0
 
     def close(self) -> None:
