@@ -6,11 +6,12 @@
 #   OUT=/tmp/out bash bench/pending_gpu.sh int4      # issue 9: bf16 / int8 / int4 decode at 4 and 8 GB (48-layer share)
 #   OUT=/tmp/out bash bench/pending_gpu.sh prefetch  # issue 5: prefetch on vs off (copy-budget sizing), 8 GB
 #   OUT=/tmp/out bash bench/pending_gpu.sh direct    # schedule="direct": quality / latency modes; hybrid's CPU probe
+#   OUT=/tmp/out bash bench/pending_gpu.sh share     # direct + CPU share: latency mode with the held climb, int4
 #   OUT=/tmp/out bash bench/pending_gpu.sh tests     # every CUDA test
 set -euo pipefail
 OUT=${OUT:?set OUT to a results folder}
 G="--geometry qwen3-30b-a3b --layers 12 --tokens 32 --warmup 8"
-case "${1:?sched|batched|int4|prefetch|direct|tests}" in
+case "${1:?sched|batched|int4|prefetch|direct|share|tests}" in
   sched)
     # per-token latency targets at 4 and 8 GB (12 layers), between the fastest and the exact plan's
     # step time as measured on 2026-11-23 (uniform routing: exact ~20/16 ms, floor 0.5 ~16/12 ms)
@@ -37,6 +38,13 @@ case "${1:?sched|batched|int4|prefetch|direct|tests}" in
       --systems edgeprism-direct,edgeprism-direct-q0.95,edgeprism-direct-latency --latency-ms 17 12
     python3 bench/decode.py $G --budgets 8 --routing uniform --out "$OUT/probe" \
       --systems edgeprism-fetch,edgeprism-cpu,edgeprism-hybrid ;;
+  share)
+    # not yet measured: latency mode since the share's climb holds under a latency target (issue 8's
+    # p95-within-10% target), and quality 0.95 on top of the share in longer runs; int4 shares
+    python3 bench/decode.py $G --tokens 96 --warmup 48 --budgets 4 8 --routing uniform --out "$OUT/share" \
+      --systems edgeprism-cpu,edgeprism-direct-cpu,edgeprism-direct-cpu-q0.95,edgeprism-direct-cpu-latency --latency-ms 10 8
+    python3 bench/quant_kernels.py decode --layers 12 --budgets 4 8 --tokens 64 --expert-dtypes int4 --routing uniform \
+      --systems edgeprism-direct,edgeprism-direct-cpu,edgeprism-direct-cpu0.5 --out "$OUT/share-int4" ;;
   tests)
     python3 -m pytest -q tests/gpu ;;
 esac
