@@ -168,15 +168,20 @@ def test_cpu_share_off_values(checkpoints):
         eng.close()
 
 
-# ----- the protocol alone: a host thread plays the GPU -----
+# ----- the protocol alone: nothing plays the other side -----
 
-def test_loop_gives_up_when_the_gpu_never_publishes():
-    """No flag ever arrives: the loop returns after its timeout and `finish` raises a typed error."""
+def bare_share(timeout_s: float) -> CpuShare:
+    """A CPU share over a two-layer host store of small bf16 units, on the CPU."""
     from edgeprism.cache.host_store import HostStore
 
     fmt = make_format("bf16", 64, 32, torch.float32)
     store = HostStore([0, 1], 4, 1, 64, 32, torch.float32, pin=False, fmt=fmt)
-    share = CpuShare(store, fmt, top_k=2, device=torch.device("cpu"), frac=1.0, timeout_s=0.2)
+    return CpuShare(store, fmt, top_k=2, device=torch.device("cpu"), frac=1.0, timeout_s=timeout_s)
+
+
+def test_loop_gives_up_when_the_gpu_never_publishes():
+    """No flag ever arrives: the loop returns after its timeout and `finish` raises a typed error."""
+    share = bare_share(timeout_s=0.2)
     share.begin()
     with pytest.raises(DecodeSyncError, match="gave up waiting for the GPU"):
         share.finish()
@@ -184,11 +189,7 @@ def test_loop_gives_up_when_the_gpu_never_publishes():
 
 
 def test_loop_stops_at_once_when_aborted():
-    from edgeprism.cache.host_store import HostStore
-
-    fmt = make_format("bf16", 64, 32, torch.float32)
-    store = HostStore([0, 1], 4, 1, 64, 32, torch.float32, pin=False, fmt=fmt)
-    share = CpuShare(store, fmt, top_k=2, device=torch.device("cpu"), frac=1.0, timeout_s=30.0)
+    share = bare_share(timeout_s=30.0)
     share.begin()
     done = threading.Event()
     share._running.add_done_callback(lambda _: done.set())
@@ -199,11 +200,7 @@ def test_loop_stops_at_once_when_aborted():
 
 def test_merge_gives_up_when_the_cpu_never_answers():
     """The GPU side (here: Python) stops polling after the timeout and the next `finish` raises."""
-    from edgeprism.cache.host_store import HostStore
-
-    fmt = make_format("bf16", 64, 32, torch.float32)
-    store = HostStore([0, 1], 4, 1, 64, 32, torch.float32, pin=False, fmt=fmt)
-    share = CpuShare(store, fmt, top_k=2, device=torch.device("cpu"), frac=1.0, timeout_s=0.1)
+    share = bare_share(timeout_s=0.1)
     share.seq_dev.fill_(7)  # no loop running for seq 7
     y = share.merge(0, torch.zeros(1, 64))
     assert y.shape == (1, 64) and int(share.status) == 1
