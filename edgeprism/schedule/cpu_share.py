@@ -66,7 +66,7 @@ class CpuShare:
             raise ConfigError("cpu_share needs the native CPU expert kernel (a C compiler, and fp32, bf16, int8 or "
                               f"int4 experts; got {fmt.name}); set cpu_share=None or install a C compiler (cc/gcc).")
         self.lib, self.layout, self.fmt = lib, layout, fmt
-        self.device, self.store = device, store
+        self.device = device
         self.layers = list(store.layers)
         self.index = {layer: j for j, layer in enumerate(self.layers)}
         M, D, A = len(self.layers), fmt.dim, top_k * store.groups
@@ -76,7 +76,6 @@ class CpuShare:
         self._window: list[float] = []  # adaptive mode: step times at the current frac
         self._last_median: float | None = None
         self._direction = 1
-        self._windows = 0  # windows measured
         self._best: tuple[float, float] | None = None  # (median, frac) of the fastest window seen
         self.threads = threads or max(1, default_threads() - 1)  # one core for the CPU loop's host peer
         self.timeout_s = timeout_s
@@ -98,7 +97,6 @@ class CpuShare:
         self.frac = torch.full((), self.frac_value, dtype=torch.float32, device=device)
         self.polls = torch.zeros(M, dtype=torch.int32, device=device)
         self.status = torch.zeros(1, dtype=torch.int32, device=device)
-        self._host_polls = torch.zeros(M, dtype=torch.int32, pin_memory=cuda)
         # on a GPU one Triton kernel writes the record and the flag into host RAM (EDGEPRISM_SHARE_SPLIT=torch:
         # device ops and two copies instead, ~4x the per-layer hand-off)
         self.fused = cuda and os.environ.get("EDGEPRISM_SHARE_SPLIT", "triton") != "torch"
@@ -189,13 +187,12 @@ class CpuShare:
             return
         if n < 0:
             raise DecodeSyncError(f"the CPU share of decode gave up waiting for the GPU at MoE layer {-n - 1}; "
-                              "the token's output is unreliable. Reload without cpu_share and report this.")
+                                  "the token's output is unreliable. Reload without cpu_share and report this.")
         if int(self.status.item()):
             self.status.zero_()
             raise DecodeSyncError("the GPU gave up waiting for the CPU share of decode; the token's output is "
-                              "unreliable. Reload without cpu_share and report this.")
-        self._host_polls.copy_(self.polls)
-        polls = self._host_polls.tolist()
+                                  "unreliable. Reload without cpu_share and report this.")
+        polls = self.polls.tolist()  # the run has finished: no wait
         waited = sum(p > GPU_WAIT_POLLS for p in polls)
         self.units += int(n)
         self.runs += 1
@@ -233,7 +230,6 @@ class CpuShare:
             return
         median = sorted(self._window)[len(self._window) // 2]
         self._window.clear()
-        self._windows += 1
         best = self._best
         if best is not None:
             best = (best[0] * 1.01, best[1])
