@@ -59,6 +59,8 @@ class DirectCache:
         # which of those units the graph found mapped (the map it read, not the one the host has by
         # the time it counts: admissions published in between were misses for that graph)
         self.hit_log = torch.zeros(L, top_k * G, dtype=torch.bool, device=self.device)
+        # a one-token call's assignments all belong to token 0 (made here, outside any graph capture)
+        self.tokens = torch.zeros(top_k * G, dtype=torch.long, device=self.device)
         cuda = self.device.type == "cuda"
         self._host_route = torch.zeros(L, top_k, dtype=torch.long, pin_memory=cuda)
         self._host_hit = torch.zeros(L, top_k * G, dtype=torch.bool, pin_memory=cuda)
@@ -89,7 +91,7 @@ class DirectCache:
         and its routing recorded for the host. Device ops only (graph-safe)."""
         self.route_log[layer].copy_(ids.reshape(-1))
         slots = self.dev_map[layer][ids].reshape(-1)
-        self.hit_log[layer].copy_(slots >= 0)
+        torch.ge(slots, 0, out=self.hit_log[layer])
         return slots, self.rows[ids].reshape(-1)
 
     def drop_misses(self, layer: int, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -115,7 +115,11 @@ class OffloadedExperts:
         if direct.stale and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             direct.before_step()
         slots, rows = direct.lookup(layer, ids)
-        tokens, w = self._expand(x, ids, weights, units)
+        # one token: constant token ids, and (G = 1) the routing weights as they are — each layer's
+        # graph then holds a few kernels fewer than `_expand` would add
+        tokens = direct.tokens
+        w = (units.reshape(-1) if units is not None else weights.reshape(-1) if self.groups == 1
+             else weights.reshape(-1).repeat_interleave(self.groups)).contiguous()  # contiguous: free if already
         if direct.lossy:
             w = direct.drop_misses(layer, slots, w)
         share = direct.cpu_share if direct.cpu_share is not None and direct.cpu_share.armed else None
