@@ -170,13 +170,13 @@ def test_cpu_share_off_values(checkpoints):
 
 # ----- the protocol alone: nothing plays the other side -----
 
-def bare_share(timeout_s: float) -> CpuShare:
-    """A CPU share over a two-layer host store of small bf16 units, on the CPU."""
+def bare_share(timeout_s: float, top_k: int = 2) -> CpuShare:
+    """A CPU share over a two-layer host store of small bf16 units (8 experts), on the CPU."""
     from edgeprism.cache.host_store import HostStore
 
     fmt = make_format("bf16", 64, 32, torch.float32)
-    store = HostStore([0, 1], 4, 1, 64, 32, torch.float32, pin=False, fmt=fmt)
-    return CpuShare(store, fmt, top_k=2, device=torch.device("cpu"), frac=1.0, timeout_s=timeout_s)
+    store = HostStore([0, 1], 8, 1, 64, 32, torch.float32, pin=False, fmt=fmt)
+    return CpuShare(store, fmt, top_k=top_k, device=torch.device("cpu"), frac=1.0, timeout_s=timeout_s)
 
 
 def test_loop_gives_up_when_the_gpu_never_publishes():
@@ -234,3 +234,49 @@ def test_cli_cpu_share_option():
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-800:]
     assert "cpu_share_units" in out.stderr
+
+
+def test_split_hands_the_cpu_the_first_misses_and_publishes_the_record():
+    """`split` (host tensors): the first ⌊frac · misses⌋ misses go to the CPU, in assignment order; the
+    record holds x, then (row, weight) per assignment (0 where not the CPU's); the flag holds the seq."""
+    share = bare_share(timeout_s=1.0, top_k=4)
+    share.set_frac(0.5)
+    share.seq_dev.fill_(3)
+    x = torch.randn(1, 64)
+    slots = torch.tensor([5, -1, -1, 2])  # assignments 1 and 2 miss
+    rows = torch.tensor([10, 11, 12, 13])
+    w = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    w_gpu = share.split(1, x, slots, rows, w)  # layer 1 is the store's second MoE layer
+    assert w_gpu.tolist() == pytest.approx([0.4, 0.0, 0.2, 0.1])  # ⌊0.5 · 2⌋ = 1: the first miss
+    rec = share.pub[1]
+    torch.testing.assert_close(rec[:64], x[0])
+    torch.testing.assert_close(rec[64:].view(4, 2), torch.tensor([[10, 0], [11, 0.3], [12, 0], [13, 0]]))
+    assert int(share.gpu_flag[1]) == 3 and int(share.gpu_flag[0]) == 0
+    share.set_frac(1.0)
+    w_gpu = share.split(1, x, slots, rows, torch.tensor([0.4, 0.0, 0.2, 0.1]))  # a dropped miss is no miss
+    assert w_gpu.tolist() == pytest.approx([0.4, 0.0, 0.0, 0.1])
+    assert share.pub[1][64:].view(4, 2)[:, 1].tolist() == pytest.approx([0, 0, 0.2, 0])
+    share.close()
+
+
+@pytest.mark.parametrize("optimum", [0.0, 0.3, 0.7, 1.0])
+def test_adaptive_share_settles_near_the_fastest_share_on_a_simulated_machine(checkpoints, optimum):
+    """A simulated step time with its minimum at `optimum` (where the CPU's and the GPU's parts balance)
+    and ±2% noise: after 40 windows the climb spends its last 10 windows within 0.2 of the optimum."""
+    from edgeprism.schedule import cpu_share as cs
+
+    eng = load_cpu(checkpoints["olmoe"], schedule="direct", cache_fraction=0.25, cpu_share=True)
+    share = eng.experts.direct.cpu_share
+    gen = torch.Generator().manual_seed(int(optimum * 10))
+
+    def step_time(frac):  # the further from the balance point, the slower the step (whichever side waits)
+        return (10.0 + 8.0 * abs(frac - optimum)) * (1.0 + 0.02 * (2 * float(torch.rand((), generator=gen)) - 1))
+
+    visited = []
+    for _ in range(40):
+        for _ in range(cs.ADAPT_WINDOW):
+            share.observe_step(step_time(share.frac_value))
+        visited.append(share.frac_value)
+    late = visited[-10:]
+    assert all(abs(f - optimum) <= 0.2 + 1e-9 for f in late), (optimum, visited)
+    eng.close()
