@@ -578,6 +578,8 @@ class Engine:
             acts = self.sched.stats.actions
             dropped += acts["drop"]
             misses += acts["cpu"] + acts["drop"]
+        # first: it folds in the last CPU loop, whose units `_zero_copy_units` leaves out
+        share_stats = self._cpu_share_stats() if direct is not None and direct.cpu_share is not None else {}
         return {
             "units_computed": routed - dropped, "units_dropped": dropped,
             "expert_bytes_computed": (routed - dropped) * self.plan.unit_bytes,
@@ -598,7 +600,7 @@ class Engine:
             **({"units_drop": direct.dropped, "units_admitted": direct.admitted,
                 "mass_kept": direct.mass_kept / direct.mass_routed if direct.mass_routed > 0 else None}
                if direct is not None else {}),
-            **(self._cpu_share_stats() if direct is not None and direct.cpu_share is not None else {}),
+            **share_stats,
             **(self.sched.stats.as_dict() if self.sched is not None else {}),
             "adaptive_cache": self.adaptive.summary() if self.adaptive is not None else None,
         }
@@ -611,8 +613,10 @@ class Engine:
 
     def _zero_copy_units(self) -> int:
         """Units the GPU read in place from host RAM (schedule="direct", or a plan's misses with zero_copy)."""
-        if self.experts.direct is not None:
-            return self.experts.direct.misses
+        direct = self.experts.direct
+        if direct is not None:  # misses the kernels read: not those dropped, nor those the CPU computed
+            share = direct.cpu_share
+            return max(0, direct.misses - direct.dropped - (share.units if share is not None else 0))
         step = self.decode_step
         if isinstance(step, LayerwiseDecode) and step.host_parts is not None and self.sched is not None:
             return self.sched.stats.actions["fetch"]  # with zero_copy every planned fetch is read in place

@@ -65,6 +65,8 @@ def test_cpu_share_counts_the_misses_it_takes(checkpoints):
         s = eng.stats()
         # the prefill's units go through the fetch path; decode misses are the direct ones
         assert s["cpu_share_units"] == (direct.misses if share == 1.0 else 0), share
+        # what the GPU read in place: the misses the CPU did not take
+        assert s["zero_copy_bytes"] == (0 if share == 1.0 else direct.misses * s["unit_bytes"]), share
         eng.close()
 
 

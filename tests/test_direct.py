@@ -196,6 +196,8 @@ def test_quality_and_latency_with_direct_drop_misses_for_the_call_only(checkpoin
     s = eng.stats()
     assert len(out) == 16 and s["units_drop"] > 0 and s["units_dropped"] >= s["units_drop"]
     assert s["mass_kept"] >= 0.7 - 1e-6
+    d = eng.experts.direct  # a dropped miss is not read: zero-copy bytes count the misses the kernels read
+    assert s["zero_copy_bytes"] == (d.misses - d.dropped) * s["unit_bytes"]
     assert eng.experts.direct.lossy is False and (True, False) in eng.decode_step._steps
     assert eng.generate_ids(PROMPT, max_new_tokens=12) == fetched["mixtral-gqa"][1]
     eng.reset_stats()  # latency mode: an unreachable target lowers the floor to its minimum (0.5)
