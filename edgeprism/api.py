@@ -715,8 +715,9 @@ def load(model: str | os.PathLike | MemoryCheckpoint | None = None, vram_gb: flo
     a decode token is then one CUDA graph with no host step between layers, and hot misses are
     copied into the cache between tokens. `cpu_share` (direct only) lets the CPU compute part of each
     layer's misses from the same pinned RAM inside that graph, while the GPU reads the rest: True adapts
-    the share between tokens to how long the GPU waited for the CPU, a number in [0, 1] fixes the
-    fraction of the misses, None (default) is off (schedule/cpu_share.py; needs a C compiler).
+    the share between tokens by a hill climb on measured step times (held while `latency_ms=` moves the
+    floor), a number in [0, 1] fixes the fraction of the misses, None (default) is off
+    (schedule/cpu_share.py; needs a C compiler).
     With "cpu"/"hybrid", `zero_copy=True` has the GPU read the
     misses the plan gives it in place too, and runs a layer's GPU units while the CPU computes its
     own; off by default, because units read in place never enter the cache, and with a skewed

@@ -95,9 +95,15 @@ class OffloadedExperts:
         """Token index and weight of each (token, expert, group) assignment: [A] each."""
         T, k = ids.shape
         tokens = torch.arange(T, device=x.device).repeat_interleave(k * self.groups)
+        return tokens, self._unit_weights(weights, units)
+
+    def _unit_weights(self, weights: torch.Tensor, units: torch.Tensor | None) -> torch.Tensor:
+        """Weight of each assignment [A], contiguous: the per-unit weights, else each expert's weight
+        repeated over its G groups (no copy for G = 1: one kernel fewer per layer in a graph)."""
         if units is not None:
-            return tokens, units.reshape(-1)
-        return tokens, weights.reshape(-1).repeat_interleave(self.groups)
+            return units.reshape(-1).contiguous()
+        flat = weights.reshape(-1).contiguous()
+        return flat if self.groups == 1 else flat.repeat_interleave(self.groups)
 
     def _static(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                 units: torch.Tensor | None = None) -> torch.Tensor:
@@ -115,11 +121,7 @@ class OffloadedExperts:
         if direct.stale and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             direct.before_step()
         slots, rows = direct.lookup(layer, ids)
-        # one token: constant token ids, and (G = 1) the routing weights as they are — each layer's
-        # graph then holds a few kernels fewer than `_expand` would add
-        tokens = direct.tokens
-        w = (units.reshape(-1) if units is not None else weights.reshape(-1) if self.groups == 1
-             else weights.reshape(-1).repeat_interleave(self.groups)).contiguous()  # contiguous: free if already
+        tokens, w = direct.tokens, self._unit_weights(weights, units)  # one token: constant token ids
         if direct.lossy:
             w = direct.drop_misses(layer, slots, w)
         share = direct.cpu_share if direct.cpu_share is not None and direct.cpu_share.armed else None
