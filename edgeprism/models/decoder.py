@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeprism.config import ModelSpec
+from edgeprism.models import fused
 from edgeprism.models.modules import RMSNorm, SwiGLU
 from edgeprism.moe.layer import ExpertProvider, MoEBlock
 
@@ -61,6 +62,9 @@ class Attention(nn.Module):
         elif spec.qk_norm == "full":
             self.q_norm, self.k_norm = RMSNorm(q_out, spec.rms_eps), RMSNorm(kv_out, spec.rms_eps)
         self.cache: KVCache | None = None
+        # the RoPE tables [max_len, hd] and sliding window, for the fused decode kernels (set_tables)
+        self.tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.window = spec.sliding_window
 
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # x: [T, D]; cos, sin: [T, hd] -> q [T, H, hd], k, v [T, Hkv, hd] (normed, clipped, rotated)
@@ -112,8 +116,16 @@ class Attention(nn.Module):
 
         x: [1, D]; cos, sin: [1, hd]; pos: [1] int64; mask: [L] bool over the first L cache slots.
         """
-        q, k, v = self._qkv(x, cos, sin)
         assert self.cache is not None, "call Decoder.setup_caches() before running the model"
+        kern = fused.kernels(x) if self.clip is None and self.tables is not None else None
+        if kern is not None:  # three launches instead of ~25 (models/fused_triton.py)
+            norm = {"head": 1, "full": 2}.get(self.qk_norm, 0)
+            qw, kw = (self.q_norm.weight, self.k_norm.weight) if norm else (None, None)
+            eps = self.q_norm.eps if norm else 0.0
+            q = kern.rope_kv(self.wq(x).reshape(-1), self.wk(x).reshape(-1), self.wv(x).reshape(-1), qw, kw, norm,
+                             eps, *self.tables, self.cache.k, self.cache.v, pos)
+            return self.wo(kern.decode_attention(q, self.cache.k, self.cache.v, pos, mask.shape[0], self.window))
+        q, k, v = self._qkv(x, cos, sin)
         self.cache.k.index_copy_(1, pos, k.transpose(0, 1))
         self.cache.v.index_copy_(1, pos, v.transpose(0, 1))
         L = mask.shape[0]
@@ -179,6 +191,8 @@ class Decoder(nn.Module):
         self.register_buffer("cos", cos.to(device=device, dtype=dtype), persistent=False)
         self.register_buffer("sin", sin.to(device=device, dtype=dtype), persistent=False)
         self.register_buffer("positions", torch.arange(max_len, device=device), persistent=False)
+        for block in self.layers:
+            block.attn.tables = (self.cos, self.sin)
         self.max_len = max_len
 
     def attention_mask(self, start: int, T: int) -> torch.Tensor | None:

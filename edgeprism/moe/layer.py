@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeprism.config import ModelSpec
+from edgeprism.models import fused
 from edgeprism.models.families import adapter_for
 from edgeprism.models.modules import SwiGLU
 
@@ -61,7 +62,12 @@ class MoEBlock(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Routing weights and expert ids of each token: [T, k] x2 (the family's exact semantics)."""
-        return self.adapter.route(self.gate(x), self.top_k, self.normalize)
+        logits = self.gate(x)
+        kern = fused.kernels(logits)
+        if kern is not None and x.shape[0] == 1:  # one launch instead of ~8 (models/fused_triton.py)
+            dtype = torch.float32 if self.adapter.weights_in_fp32 else logits.dtype
+            return kern.route(logits, self.top_k, self.normalize, dtype)
+        return self.adapter.route(logits, self.top_k, self.normalize)
 
     def combine(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The routed experts' sum y [T, D] plus the shared expert, if the family has one."""

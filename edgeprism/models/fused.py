@@ -1,0 +1,34 @@
+"""When one-token decode uses the fused Triton kernels (`fused_triton.py`) instead of chains of torch ops.
+
+They run for 16-bit activations on CUDA when Triton is installed; `EDGEPRISM_FUSED=0` turns them off
+(the torch path, e.g. to compare). On the CPU they run only under Triton's interpreter
+(`TRITON_INTERPRET=1`, for tests), never by default. Prefill and batched decode keep the torch path.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from types import ModuleType
+
+import torch
+
+_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def _module() -> ModuleType | None:
+    try:
+        from edgeprism.models import fused_triton
+    except ImportError:  # no Triton: the torch ops
+        return None
+    return fused_triton
+
+
+def kernels(t: torch.Tensor) -> ModuleType | None:
+    """The fused kernels module if one-token decode on tensors like `t` should use it, else None."""
+    if t.dtype not in _DTYPES or os.environ.get("EDGEPRISM_FUSED", "1") == "0":
+        return None
+    if not (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return None
+    return _module()

@@ -1,0 +1,148 @@
+"""The fused one-token decode kernels (models/fused_triton.py) against the torch ops they replace.
+
+Runs on a CUDA GPU, or on the CPU under Triton's interpreter (`TRITON_INTERPRET=1 pytest
+tests/gpu/test_fused_cuda.py`, Triton installed); skipped otherwise. Kernel by kernel on random
+inputs (head dims that are and are not powers of two, GQA group sizes 1-8, window or not, norms per
+head / over the projection / none), then whole engines: the greedy tokens and the logits with the
+fused kernels equal those with the torch ops (`EDGEPRISM_FUSED=0`) on every family."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from conftest import VARIANTS
+
+import edgeprism
+from edgeprism.models import fused
+from edgeprism.models.decoder import rotate_half, rope_tables
+
+if torch.cuda.is_available():
+    DEV = "cuda"
+elif os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
+    DEV = "cpu"
+else:
+    DEV = None
+pytestmark = pytest.mark.skipif(DEV is None, reason="needs a CUDA GPU (or TRITON_INTERPRET=1 with Triton)")
+BF = torch.bfloat16
+
+
+def _kern():
+    k = fused.kernels(torch.zeros(1, dtype=BF, device=DEV))
+    assert k is not None
+    return k
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    # what RMSNorm does on CUDA: fp32 math, one rounding
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype)
+
+
+@pytest.mark.parametrize("hd,H,HKV,norm", [(128, 8, 2, 1), (128, 4, 4, 2), (20, 6, 3, 0), (12, 4, 2, 1), (64, 8, 1, 2)])
+def test_rope_kv_equals_the_torch_ops(hd, H, HKV, norm):
+    g = torch.Generator().manual_seed(hd + H)
+    L, pos = 64, 37
+    q = torch.randn(H * hd, generator=g).to(BF).to(DEV)
+    k = torch.randn(HKV * hd, generator=g).to(BF).to(DEV)
+    v = torch.randn(HKV * hd, generator=g).to(BF).to(DEV)
+    size_q, size_k = (hd, hd) if norm == 1 else (H * hd, HKV * hd)
+    qw = (1 + 0.3 * torch.randn(size_q, generator=g)).to(BF).to(DEV) if norm else None
+    kw = (1 + 0.3 * torch.randn(size_k, generator=g)).to(BF).to(DEV) if norm else None
+    cos, sin = (t.to(BF).to(DEV) for t in rope_tables(L, hd, 10000.0))
+    ck = torch.zeros(HKV, L, hd, dtype=BF, device=DEV)
+    cv = torch.zeros_like(ck)
+    p = torch.tensor([pos], device=DEV)
+    qo = _kern().rope_kv(q, k, v, qw, kw, norm, 1e-6, cos, sin, ck, cv, p)
+    # reference: Attention._qkv's ops (norm, then x·cos + rotate_half(x)·sin in bf16)
+    qr, kr = q, k
+    if norm == 2:
+        qr, kr = _rms(q, qw, 1e-6), _rms(k, kw, 1e-6)
+    qr, kr = qr.view(H, hd), kr.view(HKV, hd)
+    if norm == 1:
+        qr, kr = _rms(qr, qw, 1e-6), _rms(kr, kw, 1e-6)
+    c, s = cos[pos], sin[pos]
+    qr = qr * c + rotate_half(qr) * s
+    kr = kr * c + rotate_half(kr) * s
+    torch.testing.assert_close(qo.float(), qr.float(), atol=0.02, rtol=0.02)
+    torch.testing.assert_close(ck[:, pos].float(), kr.float(), atol=0.02, rtol=0.02)
+    assert torch.equal(cv[:, pos], v.view(HKV, hd))
+    others = [i for i in range(L) if i != pos]
+    assert not ck[:, others].any() and not cv[:, others].any()  # nothing else written
+
+
+@pytest.mark.parametrize("hd,H,HKV,length,pos,window", [
+    (128, 32, 4, 256, 100, None), (128, 32, 4, 512, 300, None), (128, 16, 16, 256, 0, None),
+    (20, 6, 3, 256, 200, None), (64, 8, 2, 768, 700, 128), (12, 4, 1, 256, 255, 7)])
+def test_decode_attention_equals_the_torch_ops(hd, H, HKV, length, pos, window):
+    g = torch.Generator().manual_seed(length + pos)
+    q = torch.randn(H, hd, generator=g).to(BF).to(DEV)
+    ck = torch.randn(HKV, length + 64, hd, generator=g).to(BF).to(DEV)
+    cv = torch.randn(HKV, length + 64, hd, generator=g).to(BF).to(DEV)
+    out = _kern().decode_attention(q, ck, cv, torch.tensor([pos], device=DEV), length, window)
+    # reference: Attention.decode's torch ops over the first `length` slots
+    k_pos = torch.arange(length, device=DEV)
+    mask = k_pos <= pos
+    if window is not None:
+        mask &= k_pos > pos - window
+    qg = q.view(HKV, H // HKV, hd)
+    scores = torch.bmm(qg, ck[:, :length].transpose(1, 2)) * hd ** -0.5
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1, dtype=torch.float32).to(BF)
+    want = torch.bmm(probs, cv[:, :length]).reshape(1, -1)
+    assert out.shape == (1, H * hd) and out.dtype == BF
+    torch.testing.assert_close(out.float(), want.float(), atol=0.02, rtol=0.02)
+
+
+@pytest.mark.parametrize("E,k,normalize,dtype", [(128, 8, True, BF), (64, 8, False, BF), (8, 2, False, torch.float32),
+                                                 (60, 4, True, BF), (7, 4, False, BF)])
+def test_route_equals_softmax_topk(E, k, normalize, dtype):
+    g = torch.Generator().manual_seed(E * k)
+    logits = (3 * torch.randn(5, E, generator=g)).to(BF).to(DEV)
+    kern = _kern()
+    for t in range(5):
+        w, ids = kern.route(logits[t:t + 1], k, normalize, dtype)
+        probs = torch.softmax(logits[t:t + 1], dim=-1, dtype=torch.float32)
+        want_w, want_ids = torch.topk(probs, k, dim=-1)
+        if normalize:
+            want_w = want_w / want_w.sum(-1, keepdim=True)
+        # same experts in the same order (bf16 logits can tie: then the lower index comes first here)
+        assert torch.equal(probs[0, ids[0]], probs[0, want_ids[0]])
+        assert w.dtype == dtype and ids.dtype == torch.long
+        torch.testing.assert_close(w.float(), want_w.to(dtype).float(), atol=1e-3, rtol=1e-2)
+
+
+IDS = [5, 17, 99, 3, 42, 8, 77, 120]
+
+
+def _generate(path, fused_on: bool, monkeypatch, **kw) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens of one engine, and the torch path's teacher-forced logits of prompt + tokens."""
+    monkeypatch.setenv("EDGEPRISM_FUSED", "1" if fused_on else "0")
+    eng = edgeprism.load(path, device=DEV, dtype="bf16", **kw)
+    try:
+        ids = eng.generate_ids(IDS, max_new_tokens=24)
+        monkeypatch.setenv("EDGEPRISM_FUSED", "0")
+        return ids, eng.logits(IDS + ids).float().cpu()  # prefill: the torch ops
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("name", [v.name for v in VARIANTS])
+@pytest.mark.parametrize("schedule", ["fetch", "direct"])
+def test_engine_tokens_with_fused_kernels_follow_the_torch_ops(checkpoints, name, schedule, monkeypatch):
+    """Every greedy token decoded with the fused kernels is the torch path's argmax at its step, or
+    within bf16 noise of it (a near-tie, where either choice is a faithful bf16 greedy step)."""
+    if schedule == "direct" and DEV != "cuda":
+        pytest.skip("zero-copy decode needs CUDA")
+    kw = dict(cache_fraction=0.5, schedule=schedule)
+    want, _ = _generate(checkpoints[name], False, monkeypatch, **kw)
+    got, ref = _generate(checkpoints[name], True, monkeypatch, **kw)
+    # bf16 noise of this model: how far the torch path's own bf16 logits are from fp32 ones
+    monkeypatch.setenv("EDGEPRISM_FUSED", "0")
+    f32 = edgeprism.load(checkpoints[name], device=DEV, dtype="fp32")
+    noise = (f32.logits(IDS + got).float().cpu() - ref).abs().max().item()
+    f32.close()
+    steps = ref[len(IDS) - 1:-1]  # row t predicts got[t]
+    gap = steps.max(-1).values - steps[torch.arange(len(got)), torch.tensor(got)]
+    assert gap.max().item() <= 2 * noise + 0.02, (gap.tolist(), noise)
