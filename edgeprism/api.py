@@ -273,14 +273,28 @@ class Engine:
         with torch.device("meta"):
             model = Decoder(self.spec, self.experts)
         ad = adapter_for(self.spec)
-        state = {}
-        for name, param in model.state_dict().items():
-            state[name] = self._read_resident(ad, name, tuple(param.shape))
+        state, shapes = {}, {name: tuple(p.shape) for name, p in model.state_dict().items()}
+        fused_qkv = {}
+        for i in range(len(model.layers)):
+            # q, k and v projections in one device tensor (their parameters are views of it), so that
+            # one-token decode runs one GEMV for the three (Attention.wqkv)
+            for kind in ("weight", "bias"):
+                names = [f"layers.{i}.attn.w{c}.{kind}" for c in "qkv"]
+                if names[0] in shapes:
+                    parts = [self._read_resident(ad, n, shapes[n], device="cpu") for n in names]
+                    cat = torch.cat(parts).to(self.device)
+                    state.update(zip(names, cat.split([p.shape[0] for p in parts]), strict=True))
+                    fused_qkv[i, kind] = cat
+        for name, shape in shapes.items():
+            if name not in state:
+                state[name] = self._read_resident(ad, name, shape)
         model.load_state_dict(state, assign=True, strict=True)
+        for i, block in enumerate(model.layers):
+            block.attn.wqkv = (fused_qkv[i, "weight"], fused_qkv.get((i, "bias")))
         model.setup_caches(self.max_context)
         return model.eval()
 
-    def _read_resident(self, ad: Any, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def _read_resident(self, ad: Any, name: str, shape: tuple[int, ...], device: str | None = None) -> torch.Tensor:
         if name == "lm_head.weight" and self.spec.tie_embeddings:
             name = "embed.weight"
         if name.startswith("layers."):
@@ -288,7 +302,7 @@ class Engine:
             hf = ad.hf_name(rest, int(layer))
         else:
             hf = ad.hf_name(name)
-        return self.checkpoint.get(hf, shape).to(device=self.device, dtype=self.dtype)
+        return self.checkpoint.get(hf, shape).to(device=device or self.device, dtype=self.dtype)
 
     # ---- properties ----------------------------------------------------------------------
     @property

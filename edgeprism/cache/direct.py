@@ -36,6 +36,7 @@ import torch
 
 from edgeprism.cache.keys import SubExpertKey
 from edgeprism.cache.vram_cache import ExpertCache
+from edgeprism.models import fused
 from edgeprism.moe.quant import Parts
 from edgeprism.prefetch.prefetcher import Prefetcher
 
@@ -89,6 +90,9 @@ class DirectCache:
     def lookup(self, layer: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Slots (-1 = read from the host arena) and host rows of one token's units ([k·G] each),
         and its routing recorded for the host. Device ops only (graph-safe)."""
+        kern = fused.on(ids.device)
+        if kern is not None and ids.shape[0] == 1:  # one launch instead of four
+            return kern.lookup(ids, self.dev_map[layer], self.rows, self.hit_log[layer], self.route_log[layer])
         self.route_log[layer].copy_(ids.reshape(-1))
         slots = self.dev_map[layer][ids].reshape(-1)
         torch.ge(slots, 0, out=self.hit_log[layer])

@@ -64,6 +64,9 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
         # the RoPE tables [max_len, hd] and sliding window, for the fused decode kernels (set_tables)
         self.tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        # (weight [(H + 2·Hkv)·hd, D], bias or None) whose rows wq, wk, wv are views of, when the
+        # loader laid them out so (api.py): one GEMV for the three in fused decode
+        self.wqkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.window = spec.sliding_window
 
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -122,8 +125,13 @@ class Attention(nn.Module):
             norm = {"head": 1, "full": 2}.get(self.qk_norm, 0)
             qw, kw = (self.q_norm.weight, self.k_norm.weight) if norm else (None, None)
             eps = self.q_norm.eps if norm else 0.0
-            q = kern.rope_kv(self.wq(x).reshape(-1), self.wk(x).reshape(-1), self.wv(x).reshape(-1), qw, kw, norm,
-                             eps, *self.tables, self.cache.k, self.cache.v, pos)
+            if self.wqkv is not None:
+                qkv = F.linear(x, *self.wqkv).reshape(-1)
+                q_out, kv_out = self.wq.out_features, self.wk.out_features
+                q, k, v = qkv[:q_out], qkv[q_out:q_out + kv_out], qkv[q_out + kv_out:]
+            else:
+                q, k, v = self.wq(x).reshape(-1), self.wk(x).reshape(-1), self.wv(x).reshape(-1)
+            q = kern.rope_kv(q, k, v, qw, kw, norm, eps, *self.tables, self.cache.k, self.cache.v, pos)
             return self.wo(kern.decode_attention(q, self.cache.k, self.cache.v, pos, mask.shape[0], self.window))
         q, k, v = self._qkv(x, cos, sin)
         self.cache.k.index_copy_(1, pos, k.transpose(0, 1))

@@ -26,9 +26,14 @@ def _module() -> ModuleType | None:
 
 
 def kernels(t: torch.Tensor) -> ModuleType | None:
-    """The fused kernels module if one-token decode on tensors like `t` should use it, else None."""
-    if t.dtype not in _DTYPES or os.environ.get("EDGEPRISM_FUSED", "1") == "0":
+    """The fused kernels module if one-token decode on activations like `t` should use it, else None."""
+    return on(t.device) if t.dtype in _DTYPES else None
+
+
+def on(device: torch.device) -> ModuleType | None:
+    """The fused kernels module if one-token decode on `device` should use it (dtype aside), else None."""
+    if os.environ.get("EDGEPRISM_FUSED", "1") == "0":
         return None
-    if not (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+    if not (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
         return None
     return _module()

@@ -180,6 +180,22 @@ def _route_kernel(logits_ptr, w_ptr, ids_ptr, E, K: tl.constexpr, KP: tl.constex
     tl.store(ids_ptr + t * K + kk, idx, mask=kk < K)
 
 
+@triton.jit
+def _lookup_kernel(ids_ptr, map_ptr, rows_ptr, slots_ptr, unit_rows_ptr, hit_ptr, log_ptr, N, G: tl.constexpr,
+                   NP: tl.constexpr):
+    # unit a = (routed expert a // G, group a % G): its slot in the layer's map (-1: not cached), its
+    # host-arena row, whether it was mapped, and the routing recorded for the host
+    a = tl.arange(0, NP)
+    ok = a < N
+    e = tl.load(ids_ptr + a // G, mask=ok, other=0)
+    g = a % G
+    slot = tl.load(map_ptr + e * G + g, mask=ok, other=-1)
+    tl.store(slots_ptr + a, slot, mask=ok)
+    tl.store(unit_rows_ptr + a, tl.load(rows_ptr + e * G + g, mask=ok, other=0), mask=ok)
+    tl.store(hit_ptr + a, (slot >= 0).to(tl.int8), mask=ok)
+    tl.store(log_ptr + a // G, e, mask=ok & (g == 0))
+
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _DT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 CHUNK = 256  # positions per attention program (the graphs' attention-length bucket is a multiple)
@@ -237,3 +253,17 @@ def route(logits: torch.Tensor, top_k: int, normalize: bool, weights_dtype: torc
     _route_kernel[(T,)](logits, w, ids, E, K=top_k, KP=triton.next_power_of_2(top_k),
                         EP=triton.next_power_of_2(E), NORMALIZE=normalize, num_warps=1)
     return w, ids
+
+
+def lookup(ids: torch.Tensor, layer_map: torch.Tensor, rows: torch.Tensor, hit_log: torch.Tensor,
+           route_log: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token's k routed experts `ids` -> (slots, host rows) of its k·G units, from the layer's map
+    [E, G] (-1 = not cached) and the host-row table [E, G]; writes hit_log [k·G] (bool: mapped) and
+    route_log [k] (the ids) for the host. One launch instead of four."""
+    G = layer_map.shape[-1]
+    n = ids.numel() * G
+    slots = torch.empty(n, dtype=torch.long, device=ids.device)
+    unit_rows = torch.empty(n, dtype=torch.long, device=ids.device)
+    _lookup_kernel[(1,)](ids.reshape(-1), layer_map, rows, slots, unit_rows, hit_log.view(torch.int8), route_log,
+                         n, G=G, NP=triton.next_power_of_2(n), num_warps=1)
+    return slots, unit_rows

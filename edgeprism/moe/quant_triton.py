@@ -110,6 +110,17 @@ def _w2_kernel(act_ptr, q_ptr, s_ptr, m_ptr, hq_ptr, hs_ptr, hm_ptr, slots_ptr, 
     tl.store(y_ptr + a * D + n, y * w, mask=n_ok)
 
 
+@triton.jit
+def _sum_rows_kernel(y_ptr, out_ptr, A, D: tl.constexpr, BLOCK: tl.constexpr):
+    # out[0, n] = Σ_a y[a, n] (fp32 sum of one token's weighted assignments, one rounding)
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = n < D
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for a in range(0, A):
+        acc += tl.load(y_ptr + a * D + n, mask=ok, other=0.0)
+    tl.store(out_ptr + n, acc, mask=ok)
+
+
 @dataclass(frozen=True)
 class Blocks:
     """Launch shape of the two kernels: rows per program, K per step (int8: inputs; int4: groups),
@@ -191,4 +202,8 @@ def grouped(x: torch.Tensor, parts: QuantParts, slots: torch.Tensor, tokens: tor
     _w2_kernel[(A, triton.cdiv(D, b.n2))](
         act, parts.q2, parts.s2, m2, h.q2, h.s2, hm2, slots, rows, weights, y, parts.q2.stride(0), parts.s2.stride(0),
         D=D, IG=IG, GS=gs, INT4=int4, DIRECT=direct, BLOCK_N=b.n2, BLOCK_K=k2, num_warps=b.warps2)
+    if x.shape[0] == 1:  # one token (decode): one launch sums the assignments, instead of three
+        out = torch.empty_like(x)
+        _sum_rows_kernel[(triton.cdiv(D, 256),)](y, out, A, D=D, BLOCK=256, num_warps=2)
+        return out
     return torch.zeros_like(x).index_add_(0, tokens, y.to(x.dtype))

@@ -146,3 +146,26 @@ def test_engine_tokens_with_fused_kernels_follow_the_torch_ops(checkpoints, name
     steps = ref[len(IDS) - 1:-1]  # row t predicts got[t]
     gap = steps.max(-1).values - steps[torch.arange(len(got)), torch.tensor(got)]
     assert gap.max().item() <= 2 * noise + 0.02, (gap.tolist(), noise)
+
+
+def test_lookup_equals_the_map_gather():
+    E, G, k = 9, 2, 4
+    layer_map = torch.tensor([[s, -1] if s % 3 else [-1, s] for s in range(E)], device=DEV)
+    rows = (torch.arange(E * G, device=DEV) + 100).reshape(E, G)
+    ids = torch.tensor([[7, 0, 4, 3]], device=DEV)
+    hit = torch.zeros(k * G, dtype=torch.bool, device=DEV)
+    log = torch.zeros(k, dtype=torch.long, device=DEV)
+    slots, unit_rows = _kern().lookup(ids, layer_map, rows, hit, log)
+    assert torch.equal(slots, layer_map[ids].reshape(-1))
+    assert torch.equal(unit_rows, rows[ids].reshape(-1))
+    assert torch.equal(hit, slots >= 0) and torch.equal(log, ids[0])
+
+
+def test_qkv_parameters_are_views_of_one_tensor(tiny_checkpoint):
+    eng = edgeprism.load(tiny_checkpoint, device=DEV, dtype="bf16")
+    attn = eng.model.layers[0].attn
+    w, b = attn.wqkv
+    assert b is None and w.data_ptr() == attn.wq.weight.data_ptr()
+    assert torch.equal(torch.cat([attn.wq.weight, attn.wk.weight, attn.wv.weight]), w)
+    assert attn.wk.weight.data_ptr() == w[attn.wq.out_features:].data_ptr()
+    eng.close()
