@@ -250,9 +250,19 @@ class Decoder(nn.Module):
         (masked beyond pos), so shapes depend on `length` only -> capturable in a CUDA graph."""
         x = self.embed(token)  # [1, D]
         cos, sin, mask = self.decode_tables(pos, length)
+        kern = fused.kernels(x)
+        if kern is None:
+            for block in self.layers:
+                x = block.decode(x, cos, sin, pos, mask)
+            return self.lm_head(self.norm(x))  # [1, V]
+        # the same math with each residual add fused into the norm after it: the stream is x + res
+        res = None
         for block in self.layers:
-            x = block.decode(x, cos, sin, pos, mask)
-        return self.lm_head(self.norm(x))  # [1, V]
+            x, xn = kern.add_rms_norm(x, res, block.attn_norm.weight, block.attn_norm.eps)
+            x, hn = kern.add_rms_norm(x, block.attn.decode(xn, cos, sin, pos, mask), block.ffn_norm.weight,
+                                      block.ffn_norm.eps)
+            res = block.ffn(hn)
+        return self.lm_head(kern.add_rms_norm(x, res, self.norm.weight, self.norm.eps)[1])  # [1, V]
 
     def decode_tables(self, pos: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """RoPE rows [1, hd] x2 of device position `pos` [1] and its attention mask [length] bool."""

@@ -181,6 +181,20 @@ def _route_kernel(logits_ptr, w_ptr, ids_ptr, E, K: tl.constexpr, KP: tl.constex
 
 
 @triton.jit
+def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, h_ptr, n_ptr, eps, D, HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+                         DT: tl.constexpr):
+    # h = x + r (rounded as the torch add stores it), n = RMSNorm(h)·w (fp32 math, one rounding)
+    i = tl.arange(0, BLOCK)
+    ok = i < D
+    h = tl.load(x_ptr + i, mask=ok, other=0.0).to(tl.float32)
+    if HAS_RES:
+        h = _round(h + tl.load(r_ptr + i, mask=ok, other=0.0).to(tl.float32), DT)
+        tl.store(h_ptr + i, h, mask=ok)
+    rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / D + eps)
+    tl.store(n_ptr + i, h * rstd * tl.load(w_ptr + i, mask=ok, other=0.0).to(tl.float32), mask=ok)
+
+
+@triton.jit
 def _lookup_kernel(ids_ptr, map_ptr, rows_ptr, slots_ptr, unit_rows_ptr, hit_ptr, log_ptr, N, G: tl.constexpr,
                    NP: tl.constexpr):
     # unit a = (routed expert a // G, group a % G): its slot in the layer's map (-1: not cached), its
@@ -198,7 +212,7 @@ def _lookup_kernel(ids_ptr, map_ptr, rows_ptr, slots_ptr, unit_rows_ptr, hit_ptr
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _DT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
-CHUNK = 256  # positions per attention program (the graphs' attention-length bucket is a multiple)
+CHUNK = 64  # positions per attention program (the graphs' attention-length bucket, 256, is a multiple)
 
 
 def _pad(hd: int) -> int:
@@ -267,3 +281,15 @@ def lookup(ids: torch.Tensor, layer_map: torch.Tensor, rows: torch.Tensor, hit_l
     _lookup_kernel[(1,)](ids.reshape(-1), layer_map, rows, slots, unit_rows, hit_log.view(torch.int8), route_log,
                          n, G=G, NP=triton.next_power_of_2(n), num_warps=1)
     return slots, unit_rows
+
+
+def add_rms_norm(x: torch.Tensor, res: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, RMSNorm(h)·weight) with h = x + res (x itself when res is None): one token [1, D], one
+    launch for the residual add and the norm after it."""
+    D = x.shape[-1]
+    h = torch.empty_like(x) if res is not None else x
+    n = torch.empty_like(x)
+    _add_rms_norm_kernel[(1,)](x, res if res is not None else x, weight, h, n, eps, D, HAS_RES=res is not None,
+                               BLOCK=triton.next_power_of_2(D), DT=_DT[x.dtype], num_warps=4)
+    return h, n

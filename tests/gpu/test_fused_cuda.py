@@ -169,3 +169,19 @@ def test_qkv_parameters_are_views_of_one_tensor(tiny_checkpoint):
     assert torch.equal(torch.cat([attn.wq.weight, attn.wk.weight, attn.wv.weight]), w)
     assert attn.wk.weight.data_ptr() == w[attn.wq.out_features:].data_ptr()
     eng.close()
+
+
+@pytest.mark.parametrize("D", [48, 2048, 40])
+def test_add_rms_norm_equals_the_torch_ops(D):
+    g = torch.Generator().manual_seed(D)
+    x, r = (torch.randn(1, D, generator=g).to(BF).to(DEV) for _ in range(2))
+    w = (1 + 0.3 * torch.randn(D, generator=g)).to(BF).to(DEV)
+    h, n = _kern().add_rms_norm(x, r, w, 1e-6)
+    if DEV == "cuda":
+        assert torch.equal(h, x + r)  # round to nearest even, as torch's add
+    else:  # Triton's interpreter rounds halfway cases to bf16 otherwise: one ulp
+        torch.testing.assert_close(h, x + r, atol=0.016, rtol=0.008)
+    torch.testing.assert_close(n.float(), _rms(x + r, w, 1e-6).float(), atol=0.02, rtol=0.02)
+    h0, n0 = _kern().add_rms_norm(x, None, w, 1e-6)
+    assert h0 is x
+    torch.testing.assert_close(n0.float(), _rms(x, w, 1e-6).float(), atol=0.02, rtol=0.02)
