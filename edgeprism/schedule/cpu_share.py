@@ -51,8 +51,8 @@ TIMEOUT_S = 5.0  # a side that waits this long for the other gives up (a bug, ne
 GPU_WAIT_POLLS = 8  # a layer whose merge polled more than this waited for the CPU (a poll ≈ 1 µs of PCIe)
 ADAPT_STEP = 0.1  # how far `frac` moves per window in adaptive mode
 ADAPT_WINDOW = 8  # decode steps per measurement window
-ADAPT_TOLERANCE = 0.02  # a window this much slower than the last counts as worse (noise below it)
-ADAPT_JUMP = 1.15  # a window this many times slower than the best seen returns to the best's frac
+ADAPT_TOLERANCE = 0.02  # a neighbour must be this much faster to move there (noise below it)
+ADAPT_STALE = 12  # windows after which a share's measured step time is measured again
 
 
 class CpuShare:
@@ -75,8 +75,9 @@ class CpuShare:
         self.frac_value = 0.5 if frac is None else float(frac)
         self._window: list[float] = []  # adaptive mode: step times at the current frac
         self._last_median: float | None = None
-        self._direction = 1
-        self._best: tuple[float, float] | None = None  # (median, frac) of the fastest window seen
+        self._direction = 1  # the last move's direction: measure that way first
+        self._seen: dict[float, tuple[float, int]] = {}  # frac -> (median step time, window number)
+        self._windows = 0
         self.threads = threads or max(1, default_threads() - 1)  # one core for the CPU loop's host peer
         self.timeout_s = timeout_s
         cuda = device.type == "cuda"
@@ -208,19 +209,19 @@ class CpuShare:
 
     def observe_step(self, seconds: float) -> None:
         """Adaptive mode: one decode step's time (start to start). Every `ADAPT_WINDOW` steps the
-        window's median decides the next `frac`, starting from 0.5:
+        window's median is recorded for the current `frac` (starting from 0.5) and decides the next,
+        a local search over 0, 0.1, ..., 1 that remembers what it measured:
 
-        - a hill climb over 0, 0.1, ..., 1: keep moving the way that made steps faster, turn back when
-          they got slower (by more than `ADAPT_TOLERANCE`), turn around at the ends. At 0 the decode
-          step runs the graphs without the share and pays none of its per-layer hand-off.
-        - a window more than `ADAPT_JUMP` × slower than the best one seen (which fades by 1% a
-          window, so an old best does not hold forever) goes straight back to the best's frac.
+        - a neighbour (frac ± 0.1) measured in the last `ADAPT_STALE` windows and faster by more than
+          `ADAPT_TOLERANCE`: move to the fastest such neighbour;
+        - else a neighbour not measured lately: measure it (in the direction of the last move first);
+        - else stay: the current frac is the fastest around, and it keeps being measured, so a change
+          of conditions (routing, another load on the machine) shows and moves it again.
 
-        There is no separate exploration of 0: a window at 0 is as slow as direct decode without
-        the CPU (1.4-1.8x slower under heavy misses, measured), and such a window lands in the
-        latency tail; with the hand-off at ~11 µs a layer the climb reaches 0 on its own where the
-        share does not pay. Steps much longer than the last median (a prefill or a pause in
-        between) are left out."""
+        At the optimum the search stays put, re-measuring each neighbour once per `ADAPT_STALE`
+        windows. At 0 the decode step runs the graphs without the share and pays none of its
+        per-layer hand-off. Steps much longer than the last median (a prefill or a pause in between)
+        are left out."""
         if not self.adaptive or self.held:
             return
         if self._last_median is not None and seconds > 3 * self._last_median:
@@ -230,24 +231,23 @@ class CpuShare:
             return
         median = sorted(self._window)[len(self._window) // 2]
         self._window.clear()
-        best = self._best
-        if best is not None:
-            best = (best[0] * 1.01, best[1])
-        if best is None or median < best[0]:
-            best = (median, self.frac_value)
-        self._best = best
-        if median > best[0] * ADAPT_JUMP and best[1] != self.frac_value:
-            self._last_median, self._direction = best[0], 1
-            self.set_frac(best[1])
-            return
-        if self._last_median is not None and median > self._last_median * (1 + ADAPT_TOLERANCE):
-            self._direction = -self._direction  # worse than before: go back the other way
+        self._windows += 1
+        here = self.frac_value
+        self._seen[here] = (median, self._windows)
         self._last_median = median
-        frac = round(self.frac_value + self._direction * ADAPT_STEP, 6)
-        if not 0.0 <= frac <= 1.0:  # at an end: turn around
-            self._direction = -self._direction
-            frac = round(self.frac_value + self._direction * ADAPT_STEP, 6)
-        self.set_frac(frac)
+        near = [f for f in (round(here - ADAPT_STEP, 6), round(here + ADAPT_STEP, 6)) if 0.0 <= f <= 1.0]
+        fresh = {f: self._seen[f][0] for f in near if f in self._seen
+                 and self._windows - self._seen[f][1] < ADAPT_STALE}
+        faster = [f for f in fresh if fresh[f] < median * (1 - ADAPT_TOLERANCE)]
+        if faster:
+            nxt = min(faster, key=lambda f: fresh[f])
+        else:
+            unmeasured = sorted((f for f in near if f not in fresh), key=lambda f: (f - here) * self._direction < 0)
+            if not unmeasured:
+                return  # the fastest around: stay
+            nxt = unmeasured[0]
+        self._direction = 1 if nxt > here else -1
+        self.set_frac(nxt)
 
     def set_frac(self, frac: float) -> None:
         self.frac_value = frac
