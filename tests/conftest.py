@@ -17,6 +17,12 @@ from typing import Any
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # Triton (a test extra) then runs the fused decode kernels' tests on its CPU interpreter; it reads
+    # this when first imported, so before anything imports it. Nothing else runs Triton off a GPU, and
+    # the engine uses the fused kernels on the CPU only with EDGEPRISM_FUSED=interpret (models/fused.py).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 transformers = pytest.importorskip("transformers")
 logging.getLogger("transformers").setLevel(logging.ERROR)
 

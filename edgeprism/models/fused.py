@@ -1,8 +1,9 @@
 """When one-token decode uses the fused Triton kernels (`fused_triton.py`) instead of chains of torch ops.
 
 They run for 16-bit activations on CUDA when Triton is installed; `EDGEPRISM_FUSED=0` turns them off
-(the torch path, e.g. to compare). On the CPU they run only under Triton's interpreter
-(`TRITON_INTERPRET=1`, for tests), never by default. Prefill and batched decode keep the torch path.
+(the torch path, e.g. to compare). On the CPU they run only when asked for tests, under Triton's
+interpreter (`EDGEPRISM_FUSED=interpret` and `TRITON_INTERPRET=1`, which must be set before Triton
+is first imported), never by default. Prefill and batched decode keep the torch path.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ def kernels(t: torch.Tensor) -> ModuleType | None:
 
 def on(device: torch.device) -> ModuleType | None:
     """The fused kernels module if one-token decode on `device` should use it (dtype aside), else None."""
-    if os.environ.get("EDGEPRISM_FUSED", "1") == "0":
+    mode = os.environ.get("EDGEPRISM_FUSED", "1")
+    if mode == "0":
         return None
-    if not (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+    if device.type != "cuda" and not (mode == "interpret" and os.environ.get("TRITON_INTERPRET") == "1"):
         return None
     return _module()
