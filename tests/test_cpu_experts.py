@@ -101,9 +101,8 @@ NATIVE = pytest.mark.skipif(native.load() is None, reason="native kernel unavail
 @pytest.mark.parametrize("rows", [[5], [0, 1, 2], [13, 2, 7, 8, 9], [15, 0, 11, 4, 3, 12, 6]])  # odd subsets
 @pytest.mark.parametrize("x_bf16", [False, True])
 def test_native_int4_equals_the_formats_reference(expert_dtype: str, rows: list[int], x_bf16: bool) -> None:
-    """Packed nibbles, fp16 scales and minimums read in place = dequantize, then fp32 matmul. With x
-    exactly bf16 (a bf16 model's activations) a CPU with AVX512-BF16 multiplies the gate/up rows in
-    bf16 (exact products): the same result to fp32 rounding."""
+    """Packed nibbles, fp16 scales and minimums read in place = dequantize, then fp32 matmul; also with
+    x exactly bf16, as a bf16 model's activations are."""
     s = store(torch.float32, 2, expert_dtype, dim=256, inter=256)  # Ig 128: both group sizes divide D and Ig
     assert s.format.group_size == int(expert_dtype[-3:].lstrip("-g"))
     g = torch.Generator().manual_seed(len(rows))

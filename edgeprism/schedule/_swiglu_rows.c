@@ -28,12 +28,6 @@ static inline float bits_to_f32(uint32_t u) {
 
 static inline float bf16_to_f32(uint16_t v) { return bits_to_f32((uint32_t)v << 16); }
 
-static inline uint32_t f32_bits(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return u;
-}
-
 /* IEEE half -> float by bits, where F16C is missing (read once per int4 group) */
 static inline float f16_to_f32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, mant = h & 0x3ff;
@@ -199,44 +193,6 @@ static inline float dot_i4(const uint8_t *q, const uint16_t *s, const uint16_t *
 }
 #endif
 
-/* int4 row . v where v is exactly bf16 (a bf16/fp16 model's activations, phase 1): AVX512-BF16.
- * 32 bytes widen to 32 words; low and high nibbles (inputs 2j and 2j+1) map to bf16 0..15 through a
- * 32-word table (vpermw), and one vdpbf16ps multiplies 32 of them by 32 bf16 inputs into 16 fp32
- * lanes: per 64 weights one widen, one and, one shift, two table lookups, two dot products (half
- * the AVX-512 fp32 loop's work). Products of bf16 values are exact in fp32, so the result matches
- * the fp32 loop's to fp32 rounding. vb: v deinterleaved as bf16 bits (even inputs, then odd). */
-#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__F16C__)
-#define HAVE_I4_BF16 1
-static inline float dot_i4_bf16(const uint8_t *q, const uint16_t *s, const uint16_t *m, const uint16_t *vb,
-                                const float *vs, int n, int gs) {
-    static const uint16_t lut16[32] = {0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
-                                       0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
-    const int gb = gs / 2;
-    const uint16_t *ve = vb, *vo = vb + n / 2;
-    const __m512i lut = _mm512_loadu_si512((const void *)lut16), low = _mm512_set1_epi16(15);
-    __m512 acc = _mm512_setzero_ps();
-    float shift = 0.f;
-    for (int g = 0; g < n / gs; g++) {
-        const uint8_t *qg = q + (int64_t)g * gb;
-        const uint16_t *eg = ve + (int64_t)g * gb, *og = vo + (int64_t)g * gb;
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-        PREFETCH(qg);
-        for (int b = 0; b < gb; b += 32) {
-            __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(qg + b)));
-            __m512i lo = _mm512_permutexvar_epi16(_mm512_and_si512(w, low), lut);
-            __m512i hi = _mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), lut);
-            a0 = _mm512_dpbf16_ps(a0, (__m512bh)lo, (__m512bh)_mm512_loadu_si512((const void *)(eg + b)));
-            a1 = _mm512_dpbf16_ps(a1, (__m512bh)hi, (__m512bh)_mm512_loadu_si512((const void *)(og + b)));
-        }
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(_cvtsh_ss(s[g])), _mm512_add_ps(a0, a1), acc);
-        shift += _cvtsh_ss(m[g]) * vs[g];
-    }
-    return shift + _mm512_reduce_add_ps(acc);
-}
-#else
-#define HAVE_I4_BF16 0
-#endif
-
 /* row . x over n elements of a row of `kind` 0-2, starting at element `at` of the part at `part` */
 static inline float dot_any(const char *part, int kind, int64_t at, const float *x, int n) {
     if (kind == 0) return dot_f32((const float *)part + at, x, n);
@@ -250,8 +206,7 @@ static inline int64_t deinterleaved(int64_t k, int n) { return (k & 1) * (n / 2)
 /* Floats of workspace `swiglu_rows` needs for n units. */
 int64_t swiglu_rows_work(int kind, int n, int D, int Ig, int gs) {
     int64_t base = (int64_t)n * (Ig + D);
-    /* int4: + xd [D], xs [D/gs], as [n·Ig/gs], xb [D] bf16 (D/2 floats, +16 for alignment slack) */
-    return kind == 3 ? base + D + D / gs + (int64_t)n * (Ig / gs) + D / 2 + 16 : base;
+    return kind == 3 ? base + D + D / gs + (int64_t)n * (Ig / gs) : base;
 }
 
 /* arena: row 0; rows[n]: which rows; w[n]: unit weights; x[D]; work: [swiglu_rows_work(...)]
@@ -266,20 +221,14 @@ static void swiglu_team(const char *arena, int kind, int64_t row_bytes, int64_t 
     float *act = work, *part = work + (int64_t)n * Ig;
     float *xd = part + (int64_t)n * D, *xs = xd + D, *as = xs + (kind == 3 ? D / gs : 0);
     const int int4 = kind == 3;
-    uint16_t *xb = (uint16_t *)(as + (kind == 3 ? (int64_t)n * (Ig / gs) : 0));
-    /* int4 with x exactly bf16 (every thread checks the same x, so all agree): phase 1 multiplies in
-     * bf16 (dot_i4_bf16) where the CPU has AVX512-BF16 */
-    int x_bf16 = int4 && HAVE_I4_BF16;
-    for (int k = 0; x_bf16 && k < D; k++) x_bf16 = (f32_bits(x[k]) & 0xFFFFu) == 0;
     {
-        /* phase 0 (int4): xd = x deinterleaved, xs[g] = sum of group g of x (xb: xd's bf16 bits) */
+        /* phase 0 (int4): xd = x deinterleaved, xs[g] = sum of group g of x */
         if (int4) {
 #pragma omp for schedule(static)
             for (int g = 0; g < D / gs; g++) {
                 float sum = 0.f;
                 for (int k = g * gs; k < (g + 1) * gs; k++) {
                     xd[deinterleaved(k, D)] = x[k];
-                    if (x_bf16) xb[deinterleaved(k, D)] = (uint16_t)(f32_bits(x[k]) >> 16);
                     sum += x[k];
                 }
                 xs[g] = sum;
@@ -295,16 +244,8 @@ static void swiglu_team(const char *arena, int kind, int64_t row_bytes, int64_t 
                 const uint8_t *q = (const uint8_t *)(row + off13);
                 const uint16_t *s = (const uint16_t *)(row + off_s13), *m = (const uint16_t *)(row + off_m13);
                 int64_t G = D / gs;
-#if HAVE_I4_BF16
-                if (x_bf16 && (gs / 2) % 32 == 0) {
-                    g = dot_i4_bf16(q + (int64_t)j * (D / 2), s + j * G, m + j * G, xb, xs, D, gs);
-                    u = dot_i4_bf16(q + (int64_t)(Ig + j) * (D / 2), s + (Ig + j) * G, m + (Ig + j) * G, xb, xs, D, gs);
-                } else
-#endif
-                {
-                    g = dot_i4(q + (int64_t)j * (D / 2), s + j * G, m + j * G, xd, xs, D, gs);
-                    u = dot_i4(q + (int64_t)(Ig + j) * (D / 2), s + (Ig + j) * G, m + (Ig + j) * G, xd, xs, D, gs);
-                }
+                g = dot_i4(q + (int64_t)j * (D / 2), s + j * G, m + j * G, xd, xs, D, gs);
+                u = dot_i4(q + (int64_t)(Ig + j) * (D / 2), s + (Ig + j) * G, m + (Ig + j) * G, xd, xs, D, gs);
             } else {
                 g = dot_any(row + off13, kind, (int64_t)j * D, x, D);
                 u = dot_any(row + off13, kind, (int64_t)(Ig + j) * D, x, D);
