@@ -62,7 +62,8 @@ class Attention(nn.Module):
         elif spec.qk_norm == "full":
             self.q_norm, self.k_norm = RMSNorm(q_out, spec.rms_eps), RMSNorm(kv_out, spec.rms_eps)
         self.cache: KVCache | None = None
-        # the RoPE tables [max_len, hd] and sliding window, for the fused decode kernels (set_tables)
+        # the RoPE tables [max_len, hd] (set by Decoder.setup_caches) and the sliding window, for the
+        # fused decode kernels (models/fused_triton.py)
         self.tables: tuple[torch.Tensor, torch.Tensor] | None = None
         # (weight [(H + 2·Hkv)·hd, D], bias or None) whose rows wq, wk, wv are views of, when the
         # loader laid them out so (api.py): one GEMV for the three in fused decode
@@ -121,7 +122,7 @@ class Attention(nn.Module):
         """
         assert self.cache is not None, "call Decoder.setup_caches() before running the model"
         kern = fused.kernels(x) if self.clip is None and self.tables is not None else None
-        if kern is not None:  # three launches instead of ~25 (models/fused_triton.py)
+        if kern is not None:  # norm, RoPE, KV write and attention: three launches instead of ~25
             norm = {"head": 1, "full": 2}.get(self.qk_norm, 0)
             qw, kw = (self.q_norm.weight, self.k_norm.weight) if norm else (None, None)
             eps = self.q_norm.eps if norm else 0.0

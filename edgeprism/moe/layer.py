@@ -61,7 +61,8 @@ class MoEBlock(nn.Module):
         return self.combine(x, self.experts(self.layer, x, ids, weights))
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Routing weights and expert ids of each token: [T, k] x2 (the family's exact semantics)."""
+        """Routing weights and expert ids of each token: [T, k] x2 (the family's semantics; one-token
+        decode on CUDA runs them as one fused kernel, which puts the lower expert id first on a tie)."""
         logits = self.gate(x)
         kern = fused.kernels(logits)
         if kern is not None and x.shape[0] == 1:  # one launch instead of ~8 (models/fused_triton.py)
