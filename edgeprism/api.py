@@ -442,7 +442,7 @@ class Engine:
         if direct is not None:  # the floor of the in-graph dropping of misses (fixed, or a latency loop's)
             direct.set_floor(qos.targets()[0] if qos is not None else 1.0)
             share, latency = direct.cpu_share, qos is not None and qos.latency_s is not None
-            if share is not None:  # one controller at a time: the latency loop's floor, not the share's climb
+            if share is not None:  # one controller at a time: the latency loop's floor, not the share's search
                 share.held = latency
             t0 = time.perf_counter()
             try:
@@ -729,7 +729,7 @@ def load(model: str | os.PathLike | MemoryCheckpoint | None = None, vram_gb: flo
     a decode token is then one CUDA graph with no host step between layers, and hot misses are
     copied into the cache between tokens. `cpu_share` (direct only) lets the CPU compute part of each
     layer's misses from the same pinned RAM inside that graph, while the GPU reads the rest: True adapts
-    the share between tokens by a hill climb on measured step times (held while `latency_ms=` moves the
+    the share between tokens by a local search on measured step times (held while `latency_ms=` moves the
     floor), a number in [0, 1] fixes the fraction of the misses, None (default) is off
     (schedule/cpu_share.py; needs a C compiler).
     With "cpu"/"hybrid", `zero_copy=True` has the GPU read the

@@ -67,7 +67,7 @@ class DirectDecode:
         if share is not None:
             now = time.perf_counter()
             if self._last_start is not None:
-                share.observe_step(now - self._last_start)  # adaptive share: a hill climb on step times
+                share.observe_step(now - self._last_start)  # adaptive share: a local search on step times
             self._last_start = now
         if not self.sharing:
             if share is not None:

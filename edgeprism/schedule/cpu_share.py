@@ -25,7 +25,7 @@ gpu_flag[j] = n+1, which the GPU sets after it merged y[j] of token n; the GPU r
 only after cpu_flag[j] = n, i.e. after the CPU read it). Sequence numbers, not booleans, so a stale
 flag of the previous token never matches.
 
-`frac` is the knob: fixed (`cpu_share=0.4`) or, with `cpu_share=True`, a hill climb on measured
+`frac` is the knob: fixed (`cpu_share=0.4`) or, with `cpu_share=True`, a local search on measured
 decode step times (`observe_step`), which may settle at 0 where the hand-off costs more than the CPU
 saves (e.g. when nearly every unit is cached). Outputs equal the GPU-only path within dtype tolerance (the CPU sums in fp32 in another
 order), so with an adaptive share they are not bit-reproducible from run to run.
@@ -106,7 +106,7 @@ class CpuShare:
         self.seq = 0
         self.armed = False  # set by the direct decode step around the runs that include the share
         # set while a latency target's controller moves the floor: two loops on one step time fight (the
-        # share's climb then holds its frac; measured on the H100 box, bench/results/2026-11-23-h100-cpu-share/)
+        # share's search then holds its frac; measured on the H100 box, bench/results/2026-11-23-h100-cpu-share/)
         self.held = False
         self._pool: ThreadPoolExecutor | None = None
         self._running: Future[int] | None = None
