@@ -442,8 +442,8 @@ class Engine:
         if direct is not None:  # the floor of the in-graph dropping of misses (fixed, or a latency loop's)
             direct.set_floor(qos.targets()[0] if qos is not None else 1.0)
             share, latency = direct.cpu_share, qos is not None and qos.latency_s is not None
-            if share is not None:  # one controller at a time: the latency loop's floor, not the share's search
-                share.held = latency
+            if share is not None and latency:  # one controller at a time: the latency loop's floor, not the share's search
+                share.hold()
             t0 = time.perf_counter()
             try:
                 logits = self._run([tok], pos, last_only=True, keep=keep)

@@ -150,12 +150,18 @@ def test_adaptive_share_decodes_the_same_tokens_at_every_frac(checkpoints, direc
 
 
 def test_latency_target_holds_the_adaptive_share(checkpoints, direct_ref):
-    """With latency_ms the floor controller is the one loop on step time: the share's climb holds."""
+    """With latency_ms the floor controller is the one loop on step time: the share's search holds."""
     eng = load_cpu(checkpoints["olmoe"], schedule="direct", cache_fraction=0.25, cpu_share=True)
     share = eng.experts.direct.cpu_share
     eng.generate_ids(PROMPT, max_new_tokens=40, latency_ms=1e6)
-    assert share.frac_value == 0.5 and share._window == [] and not share.held
+    assert share.frac_value == 0.5 and share._window == [] and not share.held  # nothing measured: stays
     assert eng.generate_ids(PROMPT, max_new_tokens=12) == direct_ref["olmoe"][1]
+    # once the search has measured shares, a latency target holds the fastest of those still fresh
+    share._seen.clear()
+    share._windows = 20
+    share._seen.update({0.3: (0.8, 19), 0.4: (0.9, 20), 0.7: (0.5, 2)})  # 0.7 was fastest, long ago: stale
+    eng.generate_ids(PROMPT, max_new_tokens=4, latency_ms=1e6)
+    assert share.frac_value == pytest.approx(0.3) and not share.held
     eng.close()
 
 

@@ -249,6 +249,20 @@ class CpuShare:
         self._direction = 1 if nxt > here else -1
         self.set_frac(nxt)
 
+    def hold(self) -> None:
+        """Hold the share for a step under a latency target (the floor controller is then the one loop
+        on step time), at the fastest share measured in the last `ADAPT_STALE` windows if the search
+        has measured any (else where it is)."""
+        self.held = True
+        if not self.adaptive:
+            return
+        fresh = {f: m for f, (m, w) in self._seen.items() if self._windows - w < ADAPT_STALE}
+        if fresh:
+            best = min(fresh, key=lambda f: fresh[f])
+            if best != self.frac_value:
+                self._window.clear()
+                self.set_frac(best)
+
     def set_frac(self, frac: float) -> None:
         self.frac_value = frac
         self.frac.fill_(frac)
