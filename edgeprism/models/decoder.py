@@ -65,8 +65,8 @@ class Attention(nn.Module):
         # the RoPE tables [max_len, hd] (set by Decoder.setup_caches) and the sliding window, for the
         # fused decode kernels (models/fused_triton.py)
         self.tables: tuple[torch.Tensor, torch.Tensor] | None = None
-        # (weight [(H + 2·Hkv)·hd, D], bias or None) whose rows wq, wk, wv are views of, when the
-        # loader laid them out so (api.py): one GEMV for the three in fused decode
+        # (weight [(H + 2·Hkv)·hd, D], bias or None) whose rows wq, wk, wv are views of, as the loader
+        # lays them out (api.py): one GEMV for the three in fused decode (without it, the torch ops)
         self.wqkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.window = spec.sliding_window
 
@@ -121,17 +121,15 @@ class Attention(nn.Module):
         x: [1, D]; cos, sin: [1, hd]; pos: [1] int64; mask: [L] bool over the first L cache slots.
         """
         assert self.cache is not None, "call Decoder.setup_caches() before running the model"
-        kern = fused.kernels(x) if self.clip is None and self.tables is not None else None
+        ready = self.clip is None and self.tables is not None and self.wqkv is not None
+        kern = fused.kernels(x) if ready else None
         if kern is not None:  # norm, RoPE, KV write and attention: three launches instead of ~25
             norm = {"head": 1, "full": 2}.get(self.qk_norm, 0)
             qw, kw = (self.q_norm.weight, self.k_norm.weight) if norm else (None, None)
             eps = self.q_norm.eps if norm else 0.0
-            if self.wqkv is not None:
-                qkv = F.linear(x, *self.wqkv).reshape(-1)
-                q_out, kv_out = self.wq.out_features, self.wk.out_features
-                q, k, v = qkv[:q_out], qkv[q_out:q_out + kv_out], qkv[q_out + kv_out:]
-            else:
-                q, k, v = self.wq(x).reshape(-1), self.wk(x).reshape(-1), self.wv(x).reshape(-1)
+            qkv = F.linear(x, *self.wqkv).reshape(-1)
+            q_out, kv_out = self.wq.out_features, self.wk.out_features
+            q, k, v = qkv[:q_out], qkv[q_out:q_out + kv_out], qkv[q_out + kv_out:]
             q = kern.rope_kv(q, k, v, qw, kw, norm, eps, *self.tables, self.cache.k, self.cache.v, pos)
             return self.wo(kern.decode_attention(q, self.cache.k, self.cache.v, pos, mask.shape[0], self.window))
         q, k, v = self._qkv(x, cos, sin)
