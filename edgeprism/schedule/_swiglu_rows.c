@@ -9,9 +9,16 @@
  * (w = q * s + m). An int4 dot over one group is s * sum_k q_k v_k + m * sum_k v_k, so the kernel
  * keeps its inputs deinterleaved (even k, then odd k: a byte's two nibbles meet two contiguous
  * streams) with their group sums beside them.
+ * Kind 4 is int4 rows with int8 activations (llama.cpp's Q8 trick): the inputs of each dot, once
+ * deinterleaved, are quantized per block of 32 to int8 with one fp32 scale (v ~ d q, d = max|v| / 127,
+ * round to nearest even), and a group's dot is s * sum_b d_b sum_k q_k vq_k + m * sum_b d_b sum_k vq_k:
+ * exactly the dot of the dequantized row with the dequantized inputs, in integer arithmetic (maddubs
+ * or VNNI) where kind 3 converts every nibble to float; the kernel stops being compute-bound.
  * Phase 0 (int4), parallel over groups:  xd = x deinterleaved, xs[g] = sum of x over group g
+ *          (kind 4: xq = x deinterleaved and quantized, xv its block scales, xs its dequantized sums)
  * Phase 1, parallel over (unit, neuron): act[i, j] = w[i] * silu(w1_j . x) * (w3_j . x)   (fp32)
- *          (int4: act stored deinterleaved per unit, then as[i, g] = its group sums)
+ *          (int4: act stored deinterleaved per unit, then as[i, g] = its group sums; kind 4 also
+ *          quantizes it per block, as x)
  * Phase 2, parallel over (unit, output):  part[i, d] = sum_j w2_i[d, j] * act[i, j]        (fp32)
  * Phase 3, parallel over output d:       y[d] = sum_i part[i, d]
  * Both phases stream the weights once, in order; accumulation is fp32 whatever the storage.
@@ -193,6 +200,106 @@ static inline float dot_i4(const uint8_t *q, const uint16_t *s, const uint16_t *
 }
 #endif
 
+
+/* ---- int4 rows . int8 inputs (kind 4) ----
+ * vq: the inputs deinterleaved (even k, then odd k) and quantized per block of 32 to int8, vd [n/32]
+ * their block scales, vs [n/gs] each group's sum of dequantized inputs. The bytes of a group meet one
+ * block of even inputs and one of odd inputs per 32 bytes, so a step is two 32-wide integer dots. */
+static inline float dot_i4q_generic(const uint8_t *q, const uint16_t *s, const uint16_t *m, const int8_t *vq,
+                                    const float *vd, const float *vs, int n, int gs) {
+    const int gb = gs / 2, half = n / 2;
+    float acc = 0.f, shift = 0.f;
+    for (int g = 0; g < n / gs; g++) {
+        float ag = 0.f;
+        PREFETCH(q + (int64_t)g * gb);
+        for (int b = 0; b < gb; b += 32) {
+            const int pe = g * gb + b, po = half + pe;
+            int32_t ie = 0, io = 0;
+            for (int t = 0; t < 32; t++) {
+                uint8_t v = q[pe + t];
+                ie += (int32_t)(v & 15) * vq[pe + t];
+                io += (int32_t)(v >> 4) * vq[po + t];
+            }
+            ag += (float)ie * vd[pe >> 5] + (float)io * vd[po >> 5];
+        }
+        acc += f16_to_f32(s[g]) * ag;
+        shift += f16_to_f32(m[g]) * vs[g];
+    }
+    return acc + shift;
+}
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+
+static inline float hsum8q(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* 32 unsigned bytes . 32 signed bytes -> 8 int32 partial sums: one VNNI instruction where the CPU
+ * has it (the GPU box's Xeon), else maddubs (pairs into int16: at most 2 * 15 * 127, no saturation)
+ * and madd against ones. */
+static inline __m256i dot_u8s8(__m256i u, __m256i s8) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s8);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s8);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s8), _mm256_set1_epi16(1));
+#endif
+}
+
+/* per 32 bytes (64 weights): one load, three ops to split the nibbles, two integer dots, two
+ * converts and two FMAs against the blocks' scales; the group's scale is applied once per group */
+static inline float dot_i4q(const uint8_t *q, const uint16_t *s, const uint16_t *m, const int8_t *vq,
+                            const float *vd, const float *vs, int n, int gs) {
+    const int gb = gs / 2, half = n / 2;
+    const __m256i low = _mm256_set1_epi8(15);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    float shift = 0.f;
+    for (int g = 0; g < n / gs; g++) {
+        __m256 ag = _mm256_setzero_ps();
+        PREFETCH(q + (int64_t)g * gb);
+        for (int b = 0; b < gb; b += 32) {
+            const int pe = g * gb + b, po = half + pe;
+            __m256i qb = _mm256_loadu_si256((const __m256i *)(q + pe));
+            __m256i lo = _mm256_and_si256(qb, low), hi = _mm256_and_si256(_mm256_srli_epi16(qb, 4), low);
+            __m256i ie = dot_u8s8(lo, _mm256_loadu_si256((const __m256i *)(vq + pe)));
+            __m256i io = dot_u8s8(hi, _mm256_loadu_si256((const __m256i *)(vq + po)));
+            ag = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ie), _mm256_set1_ps(vd[pe >> 5]), ag);
+            ag = _mm256_fmadd_ps(_mm256_cvtepi32_ps(io), _mm256_set1_ps(vd[po >> 5]), ag);
+        }
+        __m256 sg = _mm256_set1_ps(_cvtsh_ss(s[g]));
+        if (g & 1) acc1 = _mm256_fmadd_ps(sg, ag, acc1); /* two chains: a group is only a few cycles */
+        else acc0 = _mm256_fmadd_ps(sg, ag, acc0);
+        shift += _cvtsh_ss(m[g]) * vs[g];
+    }
+    return shift + hsum8q(_mm256_add_ps(acc0, acc1));
+}
+#else
+static inline float dot_i4q(const uint8_t *q, const uint16_t *s, const uint16_t *m, const int8_t *vq,
+                            const float *vd, const float *vs, int n, int gs) {
+    return dot_i4q_generic(q, s, m, vq, vd, vs, n, gs);
+}
+#endif
+
+/* v[0], v[stride], ... (32 of them) -> q[0..31] int8; returns the scale d (v ~ d q; 0 for a zero
+ * block) and adds sum_k q_k to *qsum */
+static inline float quant32(const float *v, int stride, int8_t *q, int32_t *qsum) {
+    float amax = 0.f;
+    for (int t = 0; t < 32; t++) amax = fmaxf(amax, fabsf(v[t * stride]));
+    const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+    int32_t sum = 0;
+    for (int t = 0; t < 32; t++) {
+        int32_t v8 = (int32_t)nearbyintf(v[t * stride] * id);
+        q[t] = (int8_t)v8;
+        sum += v8;
+    }
+    *qsum = sum;
+    return d;
+}
+
 /* row . x over n elements of a row of `kind` 0-2, starting at element `at` of the part at `part` */
 static inline float dot_any(const char *part, int kind, int64_t at, const float *x, int n) {
     if (kind == 0) return dot_f32((const float *)part + at, x, n);
@@ -206,6 +313,8 @@ static inline int64_t deinterleaved(int64_t k, int n) { return (k & 1) * (n / 2)
 /* Floats of workspace `swiglu_rows` needs for n units. */
 int64_t swiglu_rows_work(int kind, int n, int D, int Ig, int gs) {
     int64_t base = (int64_t)n * (Ig + D);
+    if (kind == 4) /* xq (int8), xv, xs; aq (int8), av, as */
+        return base + D / 4 + D / 32 + D / gs + (int64_t)n * Ig / 4 + (int64_t)n * Ig / 32 + (int64_t)n * (Ig / gs);
     return kind == 3 ? base + D + D / gs + (int64_t)n * (Ig / gs) : base;
 }
 
@@ -218,12 +327,34 @@ int64_t swiglu_rows_work(int kind, int n, int D, int Ig, int gs) {
 static void swiglu_team(const char *arena, int kind, int64_t row_bytes, int64_t off13, int64_t off2, int64_t off_s13,
                         int64_t off_s2, int64_t off_m13, int64_t off_m2, const int64_t *rows, const float *w, int n,
                         int D, int Ig, int gs, const float *x, float *work, float *y) {
+    const int int4 = kind >= 3, q8 = kind == 4;
     float *act = work, *part = work + (int64_t)n * Ig;
-    float *xd = part + (int64_t)n * D, *xs = xd + D, *as = xs + (kind == 3 ? D / gs : 0);
-    const int int4 = kind == 3;
+    float *xd = part + (int64_t)n * D; /* kind 3: x deinterleaved [D]; kind 4: xq, x quantized [D] int8 */
+    int8_t *xq = (int8_t *)xd;
+    float *xv = xd + D / 4; /* kind 4: x's block scales [D / 32] */
+    float *xs = q8 ? xv + D / 32 : xd + D;
+    float *after_xs = xs + (int4 ? D / gs : 0);
+    int8_t *aq = (int8_t *)after_xs; /* kind 4: act quantized [n * Ig] int8, av its block scales */
+    float *av = after_xs + (q8 ? (int64_t)n * Ig / 4 : 0);
+    float *as = q8 ? av + (int64_t)n * Ig / 32 : after_xs;
     {
         /* phase 0 (int4): xd = x deinterleaved, xs[g] = sum of group g of x */
-        if (int4) {
+        if (q8) {
+            /* group g's even inputs x[g gs + 2t] and odd ones x[g gs + 2t + 1], 32 t a block */
+#pragma omp for schedule(static)
+            for (int g = 0; g < D / gs; g++) {
+                float sum = 0.f;
+                for (int bb = 0; bb < gs / 2; bb += 32)
+                    for (int p = 0; p < 2; p++) {
+                        const int pos = p * (D / 2) + g * (gs / 2) + bb;
+                        int32_t qs;
+                        const float d = quant32(x + g * gs + 2 * bb + p, 2, xq + pos, &qs);
+                        xv[pos >> 5] = d;
+                        sum += d * (float)qs;
+                    }
+                xs[g] = sum;
+            }
+        } else if (int4) {
 #pragma omp for schedule(static)
             for (int g = 0; g < D / gs; g++) {
                 float sum = 0.f;
@@ -244,8 +375,14 @@ static void swiglu_team(const char *arena, int kind, int64_t row_bytes, int64_t 
                 const uint8_t *q = (const uint8_t *)(row + off13);
                 const uint16_t *s = (const uint16_t *)(row + off_s13), *m = (const uint16_t *)(row + off_m13);
                 int64_t G = D / gs;
-                g = dot_i4(q + (int64_t)j * (D / 2), s + j * G, m + j * G, xd, xs, D, gs);
-                u = dot_i4(q + (int64_t)(Ig + j) * (D / 2), s + (Ig + j) * G, m + (Ig + j) * G, xd, xs, D, gs);
+                if (q8) {
+                    g = dot_i4q(q + (int64_t)j * (D / 2), s + j * G, m + j * G, xq, xv, xs, D, gs);
+                    u = dot_i4q(q + (int64_t)(Ig + j) * (D / 2), s + (Ig + j) * G, m + (Ig + j) * G, xq, xv, xs, D,
+                                gs);
+                } else {
+                    g = dot_i4(q + (int64_t)j * (D / 2), s + j * G, m + j * G, xd, xs, D, gs);
+                    u = dot_i4(q + (int64_t)(Ig + j) * (D / 2), s + (Ig + j) * G, m + (Ig + j) * G, xd, xs, D, gs);
+                }
             } else {
                 g = dot_any(row + off13, kind, (int64_t)j * D, x, D);
                 u = dot_any(row + off13, kind, (int64_t)(Ig + j) * D, x, D);
@@ -262,6 +399,20 @@ static void swiglu_team(const char *arena, int kind, int64_t row_bytes, int64_t 
             const int G = Ig / gs, gb = gs / 2;
 #pragma omp for schedule(static)
             for (int64_t t = 0; t < (int64_t)n * G; t++) {
+                if (q8) { /* unit i's group g: gb/32 blocks in each half of its deinterleaved act */
+                    const int64_t i = t / G, g = t % G;
+                    float sum = 0.f;
+                    for (int bb = 0; bb < gb; bb += 32)
+                        for (int p = 0; p < 2; p++) {
+                            const int64_t pos = i * Ig + p * (Ig / 2) + g * gb + bb;
+                            int32_t qs;
+                            const float d = quant32(act + pos, 1, aq + pos, &qs);
+                            av[pos >> 5] = d;
+                            sum += d * (float)qs;
+                        }
+                    as[t] = sum;
+                    continue;
+                }
                 const float *a = act + (t / G) * Ig + (t % G) * gb;
                 float sum = 0.f;
                 for (int b = 0; b < gb; b++) sum += a[b] + a[Ig / 2 + b];
@@ -273,6 +424,13 @@ static void swiglu_team(const char *arena, int kind, int64_t row_bytes, int64_t 
         for (int64_t t = 0; t < (int64_t)n * D; t++) {
             int i = (int)(t / D), d = (int)(t % D);
             const char *row = arena + rows[i] * row_bytes;
+            if (q8) {
+                int64_t G = Ig / gs;
+                part[t] = dot_i4q((const uint8_t *)(row + off2) + (int64_t)d * (Ig / 2),
+                                  (const uint16_t *)(row + off_s2) + d * G, (const uint16_t *)(row + off_m2) + d * G,
+                                  aq + (int64_t)i * Ig, av + (int64_t)i * Ig / 32, as + i * G, Ig, gs);
+                continue;
+            }
             if (int4) {
                 int64_t G = Ig / gs;
                 part[t] = dot_i4((const uint8_t *)(row + off2) + (int64_t)d * (Ig / 2),

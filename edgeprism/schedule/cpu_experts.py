@@ -65,13 +65,14 @@ def runs(rows: Sequence[int]) -> list[tuple[int, int]]:
 class CpuExperts:
     """A model's CPU expert path: `fmt` says how rows are stored; `threads` how many cores to use."""
 
-    def __init__(self, fmt: UnitFormat, threads: int | None = None, impl: str = "auto") -> None:
+    def __init__(self, fmt: UnitFormat, threads: int | None = None, impl: str = "auto",
+                 int4_act: str | None = None) -> None:
         if impl not in IMPLS:
             raise InputError(f"impl must be one of {IMPLS}, got {impl!r}")
         if threads is not None and threads < 1:
             raise InputError(f"threads must be ≥ 1, got {threads}")
         self.fmt, self.threads = fmt, threads or default_threads()
-        self._layout = native_layout(fmt)
+        self._layout = native_layout(fmt, int4_act)
         lib = native.load() if self._layout is not None and impl in ("auto", "native") else None
         if impl == "native" and lib is None:
             raise InputError("the native CPU expert kernel is unavailable (no C compiler, or rows that are not "
@@ -159,9 +160,25 @@ class CpuExperts:
         return y[None].to(x.dtype)
 
 
+INT4_ACTS = ("int8", "fp32")
+
+
+def int4_activations(value: str | None = None) -> str:
+    """How the native kernel feeds int4 rows: ``int8`` (default) quantizes each dot's inputs per block
+    of 32 to int8 and runs integer dots (llama.cpp's Q8 trick: the CPU reads int4 rows at memory
+    speed instead of converting every nibble to float); ``fp32`` keeps the inputs exact. `value`, else
+    `EDGEPRISM_CPU_INT4_ACT`, else int8."""
+    value = value or os.environ.get("EDGEPRISM_CPU_INT4_ACT") or "int8"
+    if value not in INT4_ACTS:
+        raise InputError(f"int4 activations for the CPU path must be one of {INT4_ACTS}, got {value!r} "
+                         "(argument int4_act or EDGEPRISM_CPU_INT4_ACT)")
+    return value
+
+
 @dataclass(frozen=True)
 class NativeLayout:
-    """How `_swiglu_rows.c` reads a format's rows: `kind` 0-3 = fp32, bf16, int8, int4 rows; byte
+    """How `_swiglu_rows.c` reads a format's rows: `kind` 0-4 = fp32, bf16, int8, int4 rows, int4 rows
+    with int8 activations; byte
     offsets in a row of w13, w2, their scales s13, s2 and minimums m13, m2 (0 where the kind has
     none); `group_size` of int4 (0 otherwise)."""
 
@@ -170,9 +187,10 @@ class NativeLayout:
     group_size: int = 0
 
 
-def native_layout(fmt: UnitFormat) -> NativeLayout | None:
+def native_layout(fmt: UnitFormat, int4_act: str | None = None) -> NativeLayout | None:
     """How the native kernel reads `fmt`'s rows, or None if it cannot. Dense rows are read in their
-    storage dtype whatever the compute dtype (fp32 math); quantized rows in place, scales and all."""
+    storage dtype whatever the compute dtype (fp32 math); quantized rows in place, scales and all.
+    int4 rows take int8 activations (`int4_activations`) where the group size is a multiple of 64."""
     D, Ig = fmt.dim, fmt.group_inter
     if isinstance(fmt, DenseFormat) and fmt.row_dtype in (torch.float32, torch.bfloat16):
         size = torch.empty((), dtype=fmt.row_dtype).element_size()
@@ -182,5 +200,7 @@ def native_layout(fmt: UnitFormat) -> NativeLayout | None:
         return NativeLayout(2, (at["q13"], at["q2"], at["s13"], at["s2"], 0, 0))
     if isinstance(fmt, Int4Format) and fmt.group_size % (2 * I4_LANES) == 0:
         at = {name: offset for name, (offset, _, _) in fmt.layout.items()}
-        return NativeLayout(3, (at["q13"], at["q2"], at["s13"], at["s2"], at["m13"], at["m2"]), fmt.group_size)
+        q8 = int4_activations(int4_act) == "int8" and fmt.group_size % 64 == 0
+        return NativeLayout(4 if q8 else 3, (at["q13"], at["q2"], at["s13"], at["s2"], at["m13"], at["m2"]),
+                            fmt.group_size)
     return None
