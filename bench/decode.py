@@ -211,6 +211,9 @@ SCHED_SYSTEMS = {  # system -> (load options, generation options)
     "edgeprism-direct-cpu": ({"schedule": "direct", "cpu_share": True}, {}),
     "edgeprism-direct-cpu0.25": ({"schedule": "direct", "cpu_share": 0.25}, {}),
     "edgeprism-direct-cpu0.5": ({"schedule": "direct", "cpu_share": 0.5}, {}),
+    "edgeprism-direct-cpu0.6": ({"schedule": "direct", "cpu_share": 0.6}, {}),
+    "edgeprism-direct-cpu0.7": ({"schedule": "direct", "cpu_share": 0.7}, {}),
+    "edgeprism-direct-cpu0.8": ({"schedule": "direct", "cpu_share": 0.8}, {}),
     "edgeprism-direct-cpu-q0.95": ({"schedule": "direct", "cpu_share": True}, {"quality": 0.95}),
 }
 

@@ -205,6 +205,8 @@ def decode_sweep(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
                     "--systems", args.systems, "--expert-dtype", expert_dtype, "--cache-fraction", f"{share:.4f}",
                     "--routing", args.routing, "--prompt-len", str(args.prompt_len), "--tokens", str(args.tokens),
                     "--context", str(args.context), "--out", str(sub)]
+            if args.cpu_threads:
+                argv += ["--cpu-threads", str(args.cpu_threads)]
             decode.main(argv)
             for rec in json.loads((sub / "results.json").read_text()):
                 rec.update(part="decode", cache_share_48_layers=share,
@@ -225,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--systems", default="edgeprism", help="decode: bench/decode.py systems, comma-separated")
+    p.add_argument("--cpu-threads", type=int, default=None, help="decode: threads of the CPU expert path")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     out = Path(args.out)

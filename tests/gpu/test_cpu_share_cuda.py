@@ -37,8 +37,11 @@ def test_cpu_share_matches_direct_on_cuda(checkpoints, name, share):
     eng.close()
 
 
-@pytest.mark.parametrize("expert_dtype", ["bf16", "int8", "int4"])
-def test_cpu_share_units_formats_on_cuda(expert_dtype):
+@pytest.mark.parametrize("expert_dtype,int4_act", [("bf16", None), ("int8", None), ("int4", "fp32"),
+                                                    ("int4", "int8")])
+def test_cpu_share_units_formats_on_cuda(expert_dtype, int4_act, monkeypatch):
+    if int4_act:
+        monkeypatch.setenv("EDGEPRISM_CPU_INT4_ACT", int4_act)
     cfg = dict(architectures=["Qwen3MoeForCausalLM"], vocab_size=256, hidden_size=256, num_hidden_layers=3,
                num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=16, num_experts_per_tok=4,
                moe_intermediate_size=128, intermediate_size=512, norm_topk_prob=True, max_position_embeddings=512)
@@ -50,8 +53,10 @@ def test_cpu_share_units_formats_on_cuda(expert_dtype):
     ref.close()
     eng = edgeprism.load(ck, cpu_share=0.5, **kw)
     got = eng.generate_ids(IDS, max_new_tokens=40)
-    # bf16 activations: a different summation order may flip a near-tie late in the sequence
-    assert got[:20] == want[:20]
+    # bf16 activations: a different summation order may flip a near-tie late in the sequence; int8
+    # activations on the CPU (~1% relative error of a unit's output, tests/test_cpu_experts.py) flip
+    # this random model's near-ties sooner (measured: token 18 of 40)
+    assert got[:12 if int4_act == "int8" else 20] == want[:12 if int4_act == "int8" else 20]
     s = eng.stats()
     assert s["cpu_share_units"] > 0 and s["cpu_share_gbps"] is not None
     eng.close()
