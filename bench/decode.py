@@ -104,16 +104,32 @@ def decode_run(engine: Any, prompt: list[int], tokens: int, warmup: int, reset, 
     for _ in range(warmup):
         next(it)
     reset()
-    lat = []
-    for _ in range(tokens):
-        t = time.perf_counter()
-        next(it)
-        lat.append(time.perf_counter() - t)
+    lat, gc_s, gc_full = [], [0.0], [0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:  # time spent in Python's collector while measuring
+        if phase == "start":
+            gc_s.append(-time.perf_counter())
+        else:
+            gc_s[-1] += time.perf_counter()
+            gc_full[0] += info["generation"] == 2
+
+    gc.callbacks.append(on_gc)
+    try:
+        for _ in range(tokens):
+            t = time.perf_counter()
+            next(it)
+            lat.append(time.perf_counter() - t)
+    finally:
+        gc.callbacks.remove(on_gc)
     it.close()
+    p50 = statistics.median(lat)
+    excess = sum(max(0.0, t - 1.5 * p50) for t in lat)  # time in steps slower than 1.5x the median
     lat.sort()
-    return {"ttft_ms": ttft * 1e3, "p50_ms": statistics.median(lat) * 1e3,
+    return {"ttft_ms": ttft * 1e3, "p50_ms": p50 * 1e3,
             "p95_ms": lat[min(len(lat) - 1, int(0.95 * len(lat)))] * 1e3,
-            "tokens_per_s": len(lat) / sum(lat), "tokens": len(lat)}
+            "tokens_per_s": len(lat) / sum(lat), "tokens": len(lat), "max_ms": lat[-1] * 1e3,
+            "slow_steps": sum(t > 1.5 * p50 for t in lat), "slow_excess_ms": excess * 1e3,
+            "gc_ms": sum(x for x in gc_s if x > 0) * 1e3, "gc_full": gc_full[0]}
 
 
 class UniformRouting:

@@ -205,6 +205,7 @@ def decode_sweep(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
                     "--systems", args.systems, "--expert-dtype", expert_dtype, "--cache-fraction", f"{share:.4f}",
                     "--routing", args.routing, "--prompt-len", str(args.prompt_len), "--tokens", str(args.tokens),
                     "--context", str(args.context), "--out", str(sub)]
+            argv += ["--warmup", str(args.warmup)]
             if args.cpu_threads:
                 argv += ["--cpu-threads", str(args.cpu_threads)]
             decode.main(argv)
@@ -228,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--systems", default="edgeprism", help="decode: bench/decode.py systems, comma-separated")
     p.add_argument("--cpu-threads", type=int, default=None, help="decode: threads of the CPU expert path")
+    p.add_argument("--warmup", type=int, default=8, help="decode: tokens before the measured ones")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     out = Path(args.out)
