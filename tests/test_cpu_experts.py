@@ -179,6 +179,35 @@ def test_native_is_deterministic_across_thread_counts(expert_dtype: str) -> None
     assert torch.equal(one, three)  # every output element is summed by one thread, in one order
 
 
+@NATIVE
+@pytest.mark.parametrize("expert_dtype", ["bf16", "int4", "int8"])
+def test_native_results_do_not_depend_on_the_loop_schedule(expert_dtype: str) -> None:
+    """Static stretches or dynamic chunks of any size: each output is still summed by one thread in
+    one order, so the bits are the same."""
+    s = store(torch.bfloat16, 2, expert_dtype, dim=128, inter=256)
+    x, rows, w = torch.randn(1, 128).bfloat16(), [3, 4, 5, 11, 0], torch.rand(5)
+    lib = native.load()
+    outs = []
+    try:
+        for chunk in (0, 1, 7, 16, 1000):
+            lib.swiglu_set_chunk(chunk)
+            outs.append(CpuExperts(s.format, threads=3, impl="native")(x, s.arenas[0], rows, w))
+    finally:
+        lib.swiglu_set_chunk(native.loop_chunk())
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_loop_chunk_setting(monkeypatch) -> None:
+    monkeypatch.delenv("EDGEPRISM_NATIVE_CHUNK", raising=False)
+    assert native.loop_chunk() == native.DEFAULT_CHUNK
+    monkeypatch.setenv("EDGEPRISM_NATIVE_CHUNK", "0")
+    assert native.loop_chunk() == 0
+    for bad in ("-1", "dynamic"):
+        monkeypatch.setenv("EDGEPRISM_NATIVE_CHUNK", bad)
+        with pytest.raises(InputError, match="EDGEPRISM_NATIVE_CHUNK"):
+            native.loop_chunk()
+
+
 def test_submit_runs_on_a_worker_thread() -> None:
     s = store(torch.float32, 1)
     path = CpuExperts(s.format, threads=1)

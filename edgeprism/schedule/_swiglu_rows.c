@@ -24,6 +24,7 @@
  * Both phases stream the weights once, in order; accumulation is fp32 whatever the storage.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -319,9 +320,9 @@ int64_t swiglu_rows_work(int kind, int n, int D, int Ig, int gs) {
 }
 
 /* arena: row 0; rows[n]: which rows; w[n]: unit weights; x[D]; work: [swiglu_rows_work(...)]
- * workspace; y[D] output; gs: int4 group size (ignored by other kinds). One parallel region, static
- * loops (barriers between): every thread streams one contiguous stretch of rows in each phase, and
- * every output is summed by one thread in one order (the result does not depend on the thread count). */
+ * workspace; y[D] output; gs: int4 group size (ignored by other kinds). One parallel region, loops
+ * shared in chunks of rows (swiglu_set_chunk; barriers between phases), and every output is summed
+ * by one thread in one order (the result does not depend on the thread count or the schedule). */
 /* The body of swiglu_rows, run by every thread of an enclosing parallel region (its `omp for`s bind
  * to that region): swiglu_rows opens one per call, swiglu_token_loop one per token. */
 static void swiglu_team(const char *arena, int kind, int64_t row_bytes, int64_t off13, int64_t off2, int64_t off_s13,
@@ -341,7 +342,7 @@ static void swiglu_team(const char *arena, int kind, int64_t row_bytes, int64_t 
         /* phase 0 (int4): xd = x deinterleaved, xs[g] = sum of group g of x */
         if (q8) {
             /* group g's even inputs x[g gs + 2t] and odd ones x[g gs + 2t + 1], 32 t a block */
-#pragma omp for schedule(static)
+#pragma omp for schedule(runtime)
             for (int g = 0; g < D / gs; g++) {
                 float sum = 0.f;
                 for (int bb = 0; bb < gs / 2; bb += 32)
@@ -355,7 +356,7 @@ static void swiglu_team(const char *arena, int kind, int64_t row_bytes, int64_t 
                 xs[g] = sum;
             }
         } else if (int4) {
-#pragma omp for schedule(static)
+#pragma omp for schedule(runtime)
             for (int g = 0; g < D / gs; g++) {
                 float sum = 0.f;
                 for (int k = g * gs; k < (g + 1) * gs; k++) {
@@ -366,7 +367,7 @@ static void swiglu_team(const char *arena, int kind, int64_t row_bytes, int64_t 
             }
         }
         /* phase 1: act[i, j] = w[i] * silu(w1_j . x) * (w3_j . x) */
-#pragma omp for schedule(static)
+#pragma omp for schedule(runtime)
         for (int64_t t = 0; t < (int64_t)n * Ig; t++) {
             int i = (int)(t / Ig), j = (int)(t % Ig);
             const char *row = arena + rows[i] * row_bytes;
@@ -397,7 +398,7 @@ static void swiglu_team(const char *arena, int kind, int64_t row_bytes, int64_t 
         /* phase 1b (int4): as[i, g] = sum of group g of unit i's act */
         if (int4) {
             const int G = Ig / gs, gb = gs / 2;
-#pragma omp for schedule(static)
+#pragma omp for schedule(runtime)
             for (int64_t t = 0; t < (int64_t)n * G; t++) {
                 if (q8) { /* unit i's group g: gb/32 blocks in each half of its deinterleaved act */
                     const int64_t i = t / G, g = t % G;
@@ -420,7 +421,7 @@ static void swiglu_team(const char *arena, int kind, int64_t row_bytes, int64_t 
             }
         }
         /* phase 2: part[i, d] = w2_i[d, :] . act[i, :] */
-#pragma omp for schedule(static)
+#pragma omp for schedule(runtime)
         for (int64_t t = 0; t < (int64_t)n * D; t++) {
             int i = (int)(t / D), d = (int)(t % D);
             const char *row = arena + rows[i] * row_bytes;
@@ -442,7 +443,7 @@ static void swiglu_team(const char *arena, int kind, int64_t row_bytes, int64_t 
             part[t] = kind == 2 ? p * ((const float *)(row + off_s2))[d] : p;
         }
         /* phase 3: y[d] = sum_i part[i, d] */
-#pragma omp for schedule(static)
+#pragma omp for schedule(runtime)
         for (int d = 0; d < D; d++) {
             float acc = 0.f;
             for (int i = 0; i < n; i++) acc += part[(int64_t)i * D + d];
@@ -451,9 +452,21 @@ static void swiglu_team(const char *arena, int kind, int64_t row_bytes, int64_t 
     }
 }
 
+/* How the phases' loops are shared: chunk 0 = static (one contiguous stretch a thread), else dynamic
+ * in chunks of `chunk` iterations, so a thread the OS or hypervisor preempts delays its chunk, not a
+ * whole stretch that every other thread then waits for at the barrier. Either way each output is
+ * computed by one thread in one order: results do not depend on the schedule or the thread count. */
+static int loop_chunk = 0;
+void swiglu_set_chunk(int chunk) { loop_chunk = chunk > 0 ? chunk : 0; }
+static void apply_schedule(void) {
+    if (loop_chunk) omp_set_schedule(omp_sched_dynamic, loop_chunk);
+    else omp_set_schedule(omp_sched_static, 0);
+}
+
 void swiglu_rows(const char *arena, int kind, int64_t row_bytes, int64_t off13, int64_t off2, int64_t off_s13,
                  int64_t off_s2, int64_t off_m13, int64_t off_m2, const int64_t *rows, const float *w, int n,
                  int D, int Ig, int gs, const float *x, float *work, float *y, int threads) {
+    apply_schedule();
 #pragma omp parallel num_threads(threads)
     swiglu_team(arena, kind, row_bytes, off13, off2, off_s13, off_s2, off_m13, off_m2, rows, w, n, D, Ig, gs, x,
                 work, y);
@@ -470,7 +483,6 @@ void swiglu_rows(const char *arena, int kind, int64_t row_bytes, int64_t off13, 
  * timeout_ns gives up and returns -1 - l, so a broken graph never hangs this thread; gpu_flag[l] = -seq
  * (the host, after a failed run) returns -1 - n_layers. wait_ns[l] and
  * busy_ns[l] get the time spent waiting for layer l and computing it. Returns CPU units computed. */
-#include <omp.h>
 #include <time.h>
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -495,6 +507,7 @@ int64_t swiglu_token_loop(const int32_t *gpu_flag, int32_t *cpu_flag, int32_t se
      * layer's compute). `code`: 0, or the first reason to stop, seen by all threads at a barrier. */
     int64_t computed = 0, code = 0;
     int n_units = 0;
+    apply_schedule();
 #pragma omp parallel num_threads(threads)
     {
         const int master = omp_get_thread_num() == 0;

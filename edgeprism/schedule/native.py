@@ -20,6 +20,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from edgeprism.errors import InputError
 from edgeprism.schedule.cost import default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,22 @@ def _library_path() -> Path:
     return default_cache_dir().parent / "kernels" / f"swiglu_rows-{digest}.so"
 
 
+DEFAULT_CHUNK = 16
+
+
+def loop_chunk() -> int:
+    """Iterations a thread takes at a time in the kernel's loops: `EDGEPRISM_NATIVE_CHUNK`, default 16
+    (dynamic: a preempted thread holds up one chunk, not its whole share); 0 = static stretches."""
+    raw = os.environ.get("EDGEPRISM_NATIVE_CHUNK")
+    try:
+        chunk = DEFAULT_CHUNK if raw in (None, "") else int(raw)
+    except ValueError:
+        chunk = -1
+    if chunk < 0:
+        raise InputError(f"EDGEPRISM_NATIVE_CHUNK must be a whole number ≥ 0 (0 = static), got {raw!r}")
+    return chunk
+
+
 @functools.cache
 def load() -> ctypes.CDLL | None:
     """The compiled kernel (built at first use), or None where it cannot be built."""
@@ -78,6 +95,9 @@ def load() -> ctypes.CDLL | None:
                                 ptr, i32]
     lib.swiglu_rows_work.restype = i64
     lib.swiglu_rows_work.argtypes = [i32, i32, i32, i32, i32]
+    lib.swiglu_set_chunk.restype = None
+    lib.swiglu_set_chunk.argtypes = [i32]
+    lib.swiglu_set_chunk(loop_chunk())
     lib.swiglu_token_loop.restype = i64
     lib.swiglu_token_loop.argtypes = [ptr, ptr, i32, i32, ptr, i64, i32, ptr, ptr, i32, i64, i64, i64, i64, i64, i64,
                                       i64, i32, i32, i32, ptr, ptr, ptr, i32, i64, ptr, ptr]
