@@ -608,6 +608,7 @@ class Engine:
             "host_pinned": self.store.pinned, "policy": self.config.policy, "groups": self.config.groups,
             "prefetch": isinstance(self.decode_step, LayerwiseDecode) and self.decode_step.predictor is not None,
             **self.fetch.summary(),
+            "prefetch_idle_skips": getattr(self.decode_step, "idle_skips", 0),
             "schedule": (self.config.schedule if self.sched is not None
                          else "direct" if self.experts.direct is not None else "fetch"),
             "zero_copy_bytes": self._zero_copy_units() * self.plan.unit_bytes,
@@ -641,6 +642,8 @@ class Engine:
             self.cache.table.reset_counters()
             self.cache.reset_copy_stats()
             self.fetch.reset_stats()
+            if isinstance(self.decode_step, LayerwiseDecode):
+                self.decode_step.idle_skips = 0
             self.gate.units_dropped = 0
             if self.sched is not None:
                 self.sched.reset_stats()

@@ -122,6 +122,7 @@ def test_late_and_reordered_copies_change_nothing(checkpoints, reference, name, 
     eng = load_cpu(checkpoints[name], cache_fraction=0.4, groups=groups, lookahead=2)
     fake = FakeCopies(seed=groups, lazy=lazy)
     eng.fetch.engine = fake
+    eng.decode_step.idle_after = 10**9  # every layer predicts every token: as many copies in flight as can be
     logits, tokens = reference[name]
     assert eng.generate_ids(IDS, max_new_tokens=24) == tokens
     torch.testing.assert_close(eng.logits(IDS), logits, atol=1e-5, rtol=1e-5)  # groups=2 sums in another order
@@ -238,3 +239,29 @@ def test_prefetch_sized_to_nothing_copies_nothing_and_still_scores(checkpoints, 
     s = eng.stats()
     assert s["prefetch_units"] == 0 and s["prefetch_recall"] is not None
     assert eng.decode_step.layer_s is not None and eng.decode_step.layer_s > 0
+
+
+def test_prediction_goes_idle_when_its_prefetches_copy_nothing(checkpoints, reference):
+    """Predictions that copy nothing (here: a copy far slower than a layer, so every prefetch is sized
+    to nothing): after IDLE_AFTER of them a layer predicts only every IDLE_PROBE-th token, and the
+    outputs do not change. With copies that fit, the prefetches copy and prediction stays on."""
+    from edgeprism.runtime import layerwise
+
+    idle = load_cpu(checkpoints["olmoe"], cache_fraction=0.25)
+    step = idle.decode_step
+    step.copy_unit_s = 1e6  # seconds: no layer hides such a copy
+    idle.generate_ids(IDS, max_new_tokens=layerwise.IDLE_AFTER + 2)  # the layers go idle
+    idle.reset_stats()
+    assert idle.generate_ids(IDS, max_new_tokens=24) == reference["olmoe"][1]
+    s = idle.stats()
+    assert s["prefetch_units"] == 0
+    predicted = 24 * (step.M - 1)  # layers with a next MoE layer to predict, per token
+    # the first IDLE_AFTER predictions of a request's prefill... then one token in IDLE_PROBE predicts
+    assert s["prefetch_idle_skips"] >= predicted * (1 - 1 / layerwise.IDLE_PROBE) - 2 * (step.M - 1)
+    assert s["prefetch_recall"] is not None  # the probes are still scored
+    busy = load_cpu(checkpoints["olmoe"], cache_fraction=0.25)
+    real = busy.fetch.prefetch
+    busy.fetch.prefetch = lambda *a, **k: max(1, real(*a, **k))  # as if every prediction copied something
+    assert busy.generate_ids(IDS, max_new_tokens=24) == reference["olmoe"][1]
+    s = busy.stats()
+    assert s["prefetch_idle_skips"] == 0 and s["prefetch_recall"] is not None

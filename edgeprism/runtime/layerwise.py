@@ -31,6 +31,9 @@ from edgeprism.runtime.graphs import BUCKET
 from edgeprism.schedule.misses import GPU_ACTIONS, MissScheduler
 from edgeprism.schedule.scheduler import Action
 
+IDLE_AFTER = 8  # predictions in a row that copied nothing before a layer's prediction goes idle
+IDLE_PROBE = 8  # an idle layer still predicts every IDLE_PROBE-th token (and leaves idle if that copies)
+
 
 class LayerwiseDecode:
     """Decode step for a dynamic expert cache: graph segments between per-layer host decisions."""
@@ -56,6 +59,14 @@ class LayerwiseDecode:
         self.lookahead = min(lookahead, self.M - 1)
         self.predict_experts = predict_experts or self.k
         self.predictor = None
+        # idle prediction: per layer, predictions in a row whose prefetches copied nothing (all
+        # predicted units resident, sized to nothing, or paused). Past IDLE_AFTER the layer predicts
+        # only every IDLE_PROBE-th token: the predictor's graph, its read-back and the host's ranking
+        # cost ~tens of µs a layer, which a cache that already holds what is predicted never repays.
+        self._idle = [0] * self.M
+        self.idle_after, self.idle_probe = IDLE_AFTER, IDLE_PROBE
+        self._predict_now = False
+        self.idle_skips = 0  # layers whose prediction was skipped so
         if self.lookahead > 0:
             targets = [(model.layers[i].ffn_norm, model.layers[i].ffn) for i in self.moe_layers]
             self.predictor = NextLayerPredictor(targets, self.lookahead,
@@ -140,7 +151,9 @@ class LayerwiseDecode:
             self.host_xn.copy_(self.xn[j % 2], non_blocking=True)
         if self.routed is not None:
             self.routed.record()
-        if self.predictor is not None:
+        self._predict_now = self.predictor is not None and j + 1 < self.M and (  # the last layer has none ahead
+            self._idle[j] < self.idle_after or self.experts.step % self.idle_probe == 0)
+        if self._predict_now:
             self._run_predictor(j)
             self.host_cand.copy_(self.cand, non_blocking=True)
             self.host_p.copy_(self.cand_p, non_blocking=True)
@@ -159,8 +172,7 @@ class LayerwiseDecode:
         # (on the compute stream) the copy below, so the copy never sees a half-written buffer.
         self.host_slots.copy_(torch.tensor(slots, dtype=torch.long))
         self.slots.copy_(self.host_slots, non_blocking=True)
-        if self.predictor is not None:
-            self._prefetch(j, experts, step, layer)
+        self._prefetch_or_skip(j, experts, step, layer)
         return keys
 
     def _serve_scheduled(self, j: int, keys: list[SubExpertKey], experts: list[int], step: int,
@@ -186,8 +198,7 @@ class LayerwiseDecode:
             self._write_slots(gpu, slots, len(keys), [(i, self.experts.cache.store.row(keys[i])) for i in direct])
             if in_place:  # the GPU units run now, while the CPU computes its own
                 self._replay(("experts", j), lambda: self._gpu_experts(j), "segment")
-            if self.predictor is not None:  # prefetches go out while the CPU works
-                self._prefetch(j, experts, step, layer)
+            self._prefetch_or_skip(j, experts, step, layer)  # prefetches go out while the CPU works
             self.fetch.admit(self.sched.admissions(keys, acts, weights), step, layer)  # behind the urgent copies
             if pending is not None:
                 self.host_y.copy_(pending.result())  # blocks on the future (no spin-wait)
@@ -231,12 +242,19 @@ class LayerwiseDecode:
             self.layer_s = dt if self.layer_s is None else 0.9 * self.layer_s + 0.1 * dt
         self._served_at = now
 
+    def _prefetch_or_skip(self, j: int, experts: list[int], step: int, layer: int) -> None:
+        if self._predict_now:
+            self._prefetch(j, experts, step, layer)
+        elif self.predictor is not None:  # idle (or the last layer): the routing history still learns
+            self.predictor.observe(j, experts)
+            self.idle_skips += j + 1 < self.M
+
     def _prefetch(self, j: int, experts: list[int], step: int, layer: int) -> None:
         self.predictor.observe(j, experts)
         if self.predicted is not None:
             self.predicted.synchronize()
         cand, probs = self.host_cand.tolist(), self.host_p.tolist()
-        table = self.fetch.table
+        table, copied = self.fetch.table, 0
         for d in range(1, self.lookahead + 1):
             if j + d >= self.M:
                 break
@@ -250,7 +268,8 @@ class LayerwiseDecode:
             chosen = size_prediction(ranked, missing, self.predict_experts, budget)
             keys = [SubExpertKey(target, e, g) for e in chosen for g in range(self.G)]
             predicted = [SubExpertKey(target, e, g) for e in ranked[:self.predict_experts] for g in range(self.G)]
-            self.fetch.prefetch(target, keys, step, layer, predicted=predicted)
+            copied += self.fetch.prefetch(target, keys, step, layer, predicted=predicted)
+        self._idle[j] = 0 if copied else self._idle[j] + 1
 
     # ----- segments -----
 
