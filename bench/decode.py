@@ -181,6 +181,8 @@ def run_edgeprism(source: Any, budget: float | None, args: argparse.Namespace, s
         table = OperatingPoints.load(args.profile)
         engine.operating_points = lambda: table
     load_s = time.perf_counter() - t0
+    if getattr(args, "prefetch_idle_after", None) is not None and hasattr(engine.decode_step, "idle_after"):
+        engine.decode_step.idle_after = args.prefetch_idle_after
     engine.cache.time_copies = True
     copies = engine.fetch.engine
     if hasattr(copies, "timed"):
@@ -198,6 +200,8 @@ def run_edgeprism(source: Any, budget: float | None, args: argparse.Namespace, s
                stall_ms_per_token=s["stall_s"] * 1e3 / rec["tokens"],
                prefetch_bytes_used_per_token=s["prefetch_bytes_used"] / rec["tokens"],
                prefetch_bytes_wasted_per_token=s["prefetch_bytes_wasted"] / rec["tokens"],
+               prefetch_units=s["prefetch_units"], prefetch_paused=s["prefetch_paused"],
+               prefetch_idle_skips=s["prefetch_idle_skips"],
                schedule=s["schedule"], zero_copy_bytes_per_token=s["zero_copy_bytes"] / rec["tokens"], **(gen or {}),
                **({"keep_floor": table.keep_for_quality(gen["quality"]), "profile": str(args.profile)} if table else {}),
                **{k: s[k] for k in SCHED_KEYS if k in s})
@@ -339,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--systems", default="edgeprism,lru-expert,resident,pcie-bound,accelerate")
     p.add_argument("--tokens", type=int, default=32, help="decode tokens measured per run")
     p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--prefetch-idle-after", type=int, default=None,
+                   help="predictions that copied nothing before a layer's prediction idles (runtime/layerwise.py)")
     p.add_argument("--accelerate-tokens", type=int, default=3)
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--context", type=int, default=1024)
