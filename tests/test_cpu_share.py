@@ -297,3 +297,34 @@ def test_adaptive_share_settles_near_the_fastest_share_on_a_simulated_machine(ch
     assert all(abs(f - optimum) <= 0.2 + 1e-9 for f in late), (optimum, visited)
     assert sum(abs(f - optimum) <= 0.1 + 1e-9 for f in late) >= 7, (optimum, visited)
     eng.close()
+
+
+def test_int8_activations_keep_the_default_models_perplexity(monkeypatch):
+    """int4 experts, every miss computed by the CPU share: teacher-forced decode perplexity of the
+    trained default model on held-out text with the CPU's int8 activations is within 1% of exact fp32
+    activations (and of no CPU share at all)."""
+    import math
+
+    from edgeprism.corpus import token_stream
+
+    def decode_ppl(act: str | None, share: float | None) -> float:
+        if act:
+            monkeypatch.setenv("EDGEPRISM_CPU_INT4_ACT", act)
+        eng = edgeprism.load(device="cpu", dtype="fp32", expert_dtype="int4", schedule="direct", cache_fraction=0.25,
+                             cpu_share=share)
+        ids = token_stream(eng.tokenizer, 161, 0)
+        nll = 0.0
+        with eng._lock, torch.inference_mode():
+            logits = eng._run(ids[:32], 0, last_only=True)
+            for i in range(32, len(ids)):  # one decode step a token, each through the CPU share
+                nll += torch.nn.functional.cross_entropy(logits.float().view(1, -1), torch.tensor([ids[i]])).item()
+                logits = eng._run([ids[i]], i, last_only=True)
+        units = eng.stats().get("cpu_share_units", 0)
+        eng.close()
+        assert share is None or units > 0
+        return math.exp(nll / (len(ids) - 32))
+
+    gpu_path, exact, int8 = decode_ppl(None, None), decode_ppl("fp32", 1.0), decode_ppl("int8", 1.0)
+    report = f"no share {gpu_path:.4f}, fp32 activations {exact:.4f}, int8 activations {int8:.4f}"
+    print(report)
+    assert abs(int8 / exact - 1) < 0.01 and abs(int8 / gpu_path - 1) < 0.01, report
