@@ -121,8 +121,17 @@ static inline float dot_i4_generic(const uint8_t *q, const uint16_t *s, const ui
     return shift;
 }
 
-#if defined(__AVX512F__) && defined(__F16C__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
+#if defined(__AVX512F__) && defined(__F16C__)
 
 /* AVX-512 (the GPU box's Xeon): 16 bytes widen to 16 dwords in one op, then as the AVX2 loop below
  * with twice the lanes: per 32 weights one widen, one and, one shift, two converts, two FMAs. */
@@ -156,12 +165,6 @@ static inline float dot_i4(const uint8_t *q, const uint16_t *s, const uint16_t *
 }
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
-
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
 
 /* AVX2: 8 bytes widen to 8 dwords in one op; low nibble = & 15, high = >> 4, each one convert and
  * one FMA against its contiguous input stream; four accumulators hide the FMA latency. 2x the
@@ -232,12 +235,6 @@ static inline float dot_i4q_generic(const uint8_t *q, const uint16_t *s, const u
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 
-static inline float hsum8q(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
 /* 32 unsigned bytes . 32 signed bytes -> 8 int32 partial sums: one VNNI instruction where the CPU
  * has it (the GPU box's Xeon), else maddubs (pairs into int16: at most 2 * 15 * 127, no saturation)
  * and madd against ones. */
@@ -276,7 +273,7 @@ static inline float dot_i4q(const uint8_t *q, const uint16_t *s, const uint16_t 
         else acc0 = _mm256_fmadd_ps(sg, ag, acc0);
         shift += _cvtsh_ss(m[g]) * vs[g];
     }
-    return shift + hsum8q(_mm256_add_ps(acc0, acc1));
+    return shift + hsum8(_mm256_add_ps(acc0, acc1));
 }
 #else
 static inline float dot_i4q(const uint8_t *q, const uint16_t *s, const uint16_t *m, const int8_t *vq,
