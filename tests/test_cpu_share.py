@@ -328,3 +328,20 @@ def test_int8_activations_keep_the_default_models_perplexity(monkeypatch):
     report = f"no share {gpu_path:.4f}, fp32 activations {exact:.4f}, int8 activations {int8:.4f}"
     print(report)
     assert abs(int8 / exact - 1) < 0.01 and abs(int8 / gpu_path - 1) < 0.01, report
+
+
+def test_loop_reports_its_phases(checkpoints):
+    """The CPU loop's compute, split by phase: each phase is timed, they add up to no more than the
+    loop's busy time, and reset_stats clears them."""
+    from edgeprism.schedule.cpu_share import PHASES
+
+    eng = load_cpu(checkpoints["olmoe"], schedule="direct", cache_fraction=0.25, cpu_share=1.0)
+    eng.generate_ids(PROMPT, max_new_tokens=8)
+    s = eng.stats()
+    phases = s["cpu_share_phase_s"]
+    assert s["cpu_share_units"] > 0 and list(phases) == list(PHASES)
+    assert phases["gate_up"] > 0 and phases["down"] > 0 and all(v >= 0 for v in phases.values())
+    assert sum(phases.values()) <= s["cpu_share_busy_s"] * 1.01 + 1e-4
+    eng.reset_stats()
+    assert all(v == 0 for v in eng.stats()["cpu_share_phase_s"].values())
+    eng.close()

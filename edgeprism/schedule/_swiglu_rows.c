@@ -27,6 +27,13 @@
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
+
+static inline int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
 
 static inline float bits_to_f32(uint32_t u) {
     float f;
@@ -324,8 +331,20 @@ int64_t swiglu_rows_work(int kind, int n, int D, int Ig, int gs) {
  * to that region): swiglu_rows opens one per call, swiglu_token_loop one per token. */
 static void swiglu_team(const char *arena, int kind, int64_t row_bytes, int64_t off13, int64_t off2, int64_t off_s13,
                         int64_t off_s2, int64_t off_m13, int64_t off_m2, const int64_t *rows, const float *w, int n,
-                        int D, int Ig, int gs, const float *x, float *work, float *y) {
+                        int D, int Ig, int gs, const float *x, float *work, float *y, int64_t *phase_ns) {
     const int int4 = kind >= 3, q8 = kind == 4;
+    /* phase_ns (may be NULL): the first thread adds each phase's time, barrier to barrier, to
+     * phase_ns[0..4] = inputs, gate/up, activations, down, sum */
+    const int timed = phase_ns != NULL && omp_get_thread_num() == 0;
+    int64_t t_phase = timed ? now_ns() : 0;
+#define PHASE_DONE(k)                                                                                                \
+    do {                                                                                                               \
+        if (timed) {                                                                                                   \
+            const int64_t t_now = now_ns();                                                                            \
+            phase_ns[k] += t_now - t_phase;                                                                            \
+            t_phase = t_now;                                                                                           \
+        }                                                                                                              \
+    } while (0)
     float *act = work, *part = work + (int64_t)n * Ig;
     float *xd = part + (int64_t)n * D; /* kind 3: x deinterleaved [D]; kind 4: xq, x quantized [D] int8 */
     int8_t *xq = (int8_t *)xd;
@@ -363,6 +382,7 @@ static void swiglu_team(const char *arena, int kind, int64_t row_bytes, int64_t 
                 xs[g] = sum;
             }
         }
+        PHASE_DONE(0);
         /* phase 1: act[i, j] = w[i] * silu(w1_j . x) * (w3_j . x) */
 #pragma omp for schedule(runtime)
         for (int64_t t = 0; t < (int64_t)n * Ig; t++) {
@@ -392,6 +412,7 @@ static void swiglu_team(const char *arena, int kind, int64_t row_bytes, int64_t 
             }
             act[int4 ? (int64_t)i * Ig + deinterleaved(j, Ig) : t] = w[i] * (g / (1.f + expf(-g))) * u;
         }
+        PHASE_DONE(1);
         /* phase 1b (int4): as[i, g] = sum of group g of unit i's act */
         if (int4) {
             const int G = Ig / gs, gb = gs / 2;
@@ -417,6 +438,7 @@ static void swiglu_team(const char *arena, int kind, int64_t row_bytes, int64_t 
                 as[t] = sum;
             }
         }
+        PHASE_DONE(2);
         /* phase 2: part[i, d] = w2_i[d, :] . act[i, :] */
 #pragma omp for schedule(runtime)
         for (int64_t t = 0; t < (int64_t)n * D; t++) {
@@ -439,6 +461,7 @@ static void swiglu_team(const char *arena, int kind, int64_t row_bytes, int64_t 
             float p = dot_any(row + off2, kind, (int64_t)d * Ig, act + (int64_t)i * Ig, Ig);
             part[t] = kind == 2 ? p * ((const float *)(row + off_s2))[d] : p;
         }
+        PHASE_DONE(3);
         /* phase 3: y[d] = sum_i part[i, d] */
 #pragma omp for schedule(runtime)
         for (int d = 0; d < D; d++) {
@@ -446,7 +469,9 @@ static void swiglu_team(const char *arena, int kind, int64_t row_bytes, int64_t 
             for (int i = 0; i < n; i++) acc += part[(int64_t)i * D + d];
             y[d] = acc;
         }
+        PHASE_DONE(4);
     }
+#undef PHASE_DONE
 }
 
 /* How the phases' loops are shared: chunk 0 = static (one contiguous stretch a thread), else dynamic
@@ -466,7 +491,7 @@ void swiglu_rows(const char *arena, int kind, int64_t row_bytes, int64_t off13, 
     apply_schedule();
 #pragma omp parallel num_threads(threads)
     swiglu_team(arena, kind, row_bytes, off13, off2, off_s13, off_s2, off_m13, off_m2, rows, w, n, D, Ig, gs, x,
-                work, y);
+                work, y, NULL);
 }
 
 /* ---- the CPU share of zero-copy decode (cache/cpu_share.py): one token's MoE layers, in order ----
@@ -479,8 +504,8 @@ void swiglu_rows(const char *arena, int kind, int64_t row_bytes, int64_t off13, 
  * output. Waits are spins with a pause (the GPU answers within microseconds); a wait longer than
  * timeout_ns gives up and returns -1 - l, so a broken graph never hangs this thread; gpu_flag[l] = -seq
  * (the host, after a failed run) returns -1 - n_layers. wait_ns[l] and
- * busy_ns[l] get the time spent waiting for layer l and computing it. Returns CPU units computed. */
-#include <time.h>
+ * busy_ns[l] get the time spent waiting for layer l and computing it; phase_ns[0..4] accumulate the
+ * compute's phases over the token (swiglu_team). Returns CPU units computed. */
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define SPIN_PAUSE() _mm_pause()
@@ -488,17 +513,12 @@ void swiglu_rows(const char *arena, int kind, int64_t row_bytes, int64_t off13, 
 #define SPIN_PAUSE() ((void)0)
 #endif
 
-static inline int64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
 int64_t swiglu_token_loop(const int32_t *gpu_flag, int32_t *cpu_flag, int32_t seq, int n_layers,
                           const float *pub, int64_t rec, int A, float *y, const int64_t *arenas, int kind,
                           int64_t row_bytes, int64_t off13, int64_t off2, int64_t off_s13, int64_t off_s2,
                           int64_t off_m13, int64_t off_m2, int D, int Ig, int gs, float *work, int64_t *rows,
-                          float *w, int threads, int64_t timeout_ns, int64_t *wait_ns, int64_t *busy_ns) {
+                          float *w, int threads, int64_t timeout_ns, int64_t *wait_ns, int64_t *busy_ns,
+                          int64_t *phase_ns) {
     /* One parallel region for the whole token: every thread polls the GPU's flag itself, so none has
      * to be woken per layer (a fork/join, or a sleeping team's wake-up, costs more than a small
      * layer's compute). `code`: 0, or the first reason to stop, seen by all threads at a barrier. */
@@ -547,7 +567,7 @@ int64_t swiglu_token_loop(const int32_t *gpu_flag, int32_t *cpu_flag, int32_t se
             const int n = n_units;
             if (n)
                 swiglu_team((const char *)arenas[l], kind, row_bytes, off13, off2, off_s13, off_s2, off_m13, off_m2,
-                            rows, w, n, D, Ig, gs, x, work, yl); /* ends with a barrier: y is complete */
+                            rows, w, n, D, Ig, gs, x, work, yl, phase_ns); /* ends with a barrier: y is complete */
             if (master) {
                 computed += n;
                 __atomic_store_n(&cpu_flag[l], seq, __ATOMIC_RELEASE);

@@ -52,6 +52,10 @@ GPU_WAIT_POLLS = 8  # a layer whose merge polled more than this waited for the C
 ADAPT_STEP = 0.1  # how far `frac` moves per window in adaptive mode
 ADAPT_WINDOW = 8  # decode steps per measurement window
 ADAPT_TOLERANCE = 0.02  # a neighbour must be this much faster to move there (noise below it)
+# the CPU compute of a layer, barrier to barrier (`swiglu_team` in _swiglu_rows.c): quantizing or
+# deinterleaving x (int4), the gate/up rows, the activations' sums or quantization (int4), the down
+# rows, the sum over units; `summary()["cpu_share_phase_s"]` reports each one's total seconds
+PHASES = ("inputs", "gate_up", "activations", "down", "sum")
 ADAPT_STALE = 12  # windows after which a share's measured step time is measured again
 
 
@@ -93,6 +97,7 @@ class CpuShare:
         self.w = torch.zeros(A, dtype=torch.float32)
         self.wait_ns = torch.zeros(M, dtype=torch.int64)
         self.busy_ns = torch.zeros(M, dtype=torch.int64)
+        self.phase_ns = torch.zeros(len(PHASES), dtype=torch.int64)  # the loop adds to it; `finish` folds it
         # device side
         self.seq_dev = torch.zeros(1, dtype=torch.int32, device=device)
         self.frac = torch.full((), self.frac_value, dtype=torch.float32, device=device)
@@ -112,6 +117,7 @@ class CpuShare:
         self._running: Future[int] | None = None
         self.units = self.runs = 0  # CPU units computed, loops run
         self.busy_s = self.wait_s = 0.0  # the loops' time computing, and waiting for the GPU's flags
+        self.phase_s = [0.0] * len(PHASES)  # the computing, by phase
         self.gpu_waits = 0  # layers whose merge waited for the CPU
 
     # ----- inside the graph -----
@@ -175,7 +181,7 @@ class CpuShare:
             ptr(self.gpu_flag), ptr(self.cpu_flag), seq, self.M, ptr(self.pub), self.rec, self.A, ptr(self.y),
             ptr(self.arenas), lay.kind, self._keep[0].shape[1] * self._keep[0].element_size(), *lay.offsets,
             self.D, fmt.group_inter, lay.group_size, ptr(self.work), ptr(self.rows), ptr(self.w), self.threads,
-            int(self.timeout_s * 1e9), ptr(self.wait_ns), ptr(self.busy_ns))
+            int(self.timeout_s * 1e9), ptr(self.wait_ns), ptr(self.busy_ns), ptr(self.phase_ns))
 
     def finish(self) -> None:
         """Wait for the running CPU loop (its GPU side has finished: the caller read the logits) and
@@ -199,6 +205,8 @@ class CpuShare:
         self.runs += 1
         self.busy_s += float(self.busy_ns.sum()) * 1e-9
         self.wait_s += float(self.wait_ns.sum()) * 1e-9
+        self.phase_s = [a + b * 1e-9 for a, b in zip(self.phase_s, self.phase_ns.tolist(), strict=True)]
+        self.phase_ns.zero_()
         self.gpu_waits += waited
 
     def abort(self) -> None:
@@ -271,11 +279,13 @@ class CpuShare:
         return {"cpu_share": self.frac_value, "cpu_share_units": self.units,
                 "cpu_share_bytes": self.units * unit_bytes, "cpu_share_busy_s": self.busy_s,
                 "cpu_share_gbps": self.units * unit_bytes / self.busy_s / 1e9 if self.busy_s > 0 else None,
-                "cpu_share_gpu_waits": self.gpu_waits, "cpu_share_runs": self.runs, "cpu_share_wait_s": self.wait_s}
+                "cpu_share_gpu_waits": self.gpu_waits, "cpu_share_runs": self.runs, "cpu_share_wait_s": self.wait_s,
+                "cpu_share_phase_s": dict(zip(PHASES, self.phase_s, strict=True))}
 
     def reset_stats(self) -> None:
         self.units = self.runs = self.gpu_waits = 0
         self.busy_s = self.wait_s = 0.0
+        self.phase_s = [0.0] * len(PHASES)
 
     def close(self) -> None:
         if self._running is not None:

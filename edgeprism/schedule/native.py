@@ -100,5 +100,5 @@ def load() -> ctypes.CDLL | None:
     lib.swiglu_set_chunk(loop_chunk())
     lib.swiglu_token_loop.restype = i64
     lib.swiglu_token_loop.argtypes = [ptr, ptr, i32, i32, ptr, i64, i32, ptr, ptr, i32, i64, i64, i64, i64, i64, i64,
-                                      i64, i32, i32, i32, ptr, ptr, ptr, i32, i64, ptr, ptr]
+                                      i64, i32, i32, i32, ptr, ptr, ptr, i32, i64, ptr, ptr, ptr]
     return lib
