@@ -14,14 +14,16 @@
  * round to nearest even), and a group's dot is s * sum_b d_b sum_k q_k vq_k + m * sum_b d_b sum_k vq_k:
  * exactly the dot of the dequantized row with the dequantized inputs, in integer arithmetic (maddubs
  * or VNNI) where kind 3 converts every nibble to float; the kernel stops being compute-bound.
- * Phase 0 (int4), parallel over groups:  xd = x deinterleaved, xs[g] = sum of x over group g
+ * Inputs (int4), one thread:             xd = x deinterleaved, xs[g] = sum of x over group g
  *          (kind 4: xq = x deinterleaved and quantized, xv its block scales, xs its dequantized sums)
  * Phase 1, parallel over (unit, neuron): act[i, j] = w[i] * silu(w1_j . x) * (w3_j . x)   (fp32)
  *          (int4: act stored deinterleaved per unit, then as[i, g] = its group sums; kind 4 also
  *          quantizes it per block, as x)
- * Phase 2, parallel over (unit, output):  part[i, d] = sum_j w2_i[d, j] * act[i, j]        (fp32)
- * Phase 3, parallel over output d:       y[d] = sum_i part[i, d]
- * Both phases stream the weights once, in order; accumulation is fp32 whatever the storage.
+ * Phase 2, parallel over output d:       y[d] = sum_i sum_j w2_i[d, j] * act[i, j]         (fp32)
+ * Both phases stream the weights once; accumulation is fp32 whatever the storage. A barrier costs
+ * tens of µs on a VM whose idle threads sleep (measured on the H100 box), so the tiny steps have no
+ * parallel phase of their own: the inputs are prepared by one thread, and each output sums its
+ * units inside phase 2.
  */
 #include <math.h>
 #include <omp.h>
@@ -317,24 +319,81 @@ static inline int64_t deinterleaved(int64_t k, int n) { return (k & 1) * (n / 2)
 
 /* Floats of workspace `swiglu_rows` needs for n units. */
 int64_t swiglu_rows_work(int kind, int n, int D, int Ig, int gs) {
-    int64_t base = (int64_t)n * (Ig + D);
+    int64_t base = (int64_t)n * Ig; /* act */
     if (kind == 4) /* xq (int8), xv, xs; aq (int8), av, as */
         return base + D / 4 + D / 32 + D / gs + (int64_t)n * Ig / 4 + (int64_t)n * Ig / 32 + (int64_t)n * (Ig / gs);
     return kind == 3 ? base + D + D / gs + (int64_t)n * (Ig / gs) : base;
 }
 
+/* Where each buffer sits in the workspace (swiglu_rows_work's order). */
+typedef struct {
+    float *act;  /* [n, Ig] fp32 activations (int4: deinterleaved per unit) */
+    float *xd;   /* kind 3: x deinterleaved [D] */
+    int8_t *xq;  /* kind 4: x deinterleaved and quantized [D] */
+    float *xv;   /* kind 4: x's block scales [D / 32] */
+    float *xs;   /* int4: x's group sums [D / gs] */
+    int8_t *aq;  /* kind 4: act quantized [n * Ig] */
+    float *av;   /* kind 4: act's block scales [n * Ig / 32] */
+    float *as;   /* int4: act's group sums [n, Ig / gs] */
+} work_t;
+
+static work_t work_layout(int kind, int n, int D, int Ig, int gs, float *work) {
+    const int int4 = kind >= 3, q8 = kind == 4;
+    work_t b;
+    b.act = work;
+    b.xd = work + (int64_t)n * Ig;
+    b.xq = (int8_t *)b.xd;
+    b.xv = b.xd + D / 4;
+    b.xs = q8 ? b.xv + D / 32 : b.xd + D;
+    float *after_xs = b.xs + (int4 ? D / gs : 0);
+    b.aq = (int8_t *)after_xs;
+    b.av = after_xs + (q8 ? (int64_t)n * Ig / 4 : 0);
+    b.as = q8 ? b.av + (int64_t)n * Ig / 32 : after_xs;
+    return b;
+}
+
+/* The inputs' side of int4 dots, serially (D values: microseconds): kind 3 deinterleaves x (even k,
+ * then odd k) and sums each group; kind 4 also quantizes it per block of 32 (group g's even inputs
+ * x[g gs + 2t] and odd ones x[g gs + 2t + 1], 32 t a block) and sums the dequantized values. Other
+ * kinds read x as it is. */
+static void prepare_inputs(int kind, const float *x, int D, int gs, work_t b) {
+    if (kind == 4) {
+        for (int g = 0; g < D / gs; g++) {
+            float sum = 0.f;
+            for (int bb = 0; bb < gs / 2; bb += 32)
+                for (int p = 0; p < 2; p++) {
+                    const int pos = p * (D / 2) + g * (gs / 2) + bb;
+                    int32_t qs;
+                    const float d = quant32(x + g * gs + 2 * bb + p, 2, b.xq + pos, &qs);
+                    b.xv[pos >> 5] = d;
+                    sum += d * (float)qs;
+                }
+            b.xs[g] = sum;
+        }
+    } else if (kind == 3) {
+        for (int g = 0; g < D / gs; g++) {
+            float sum = 0.f;
+            for (int k = g * gs; k < (g + 1) * gs; k++) {
+                b.xd[deinterleaved(k, D)] = x[k];
+                sum += x[k];
+            }
+            b.xs[g] = sum;
+        }
+    }
+}
+
 /* arena: row 0; rows[n]: which rows; w[n]: unit weights; x[D]; work: [swiglu_rows_work(...)]
- * workspace; y[D] output; gs: int4 group size (ignored by other kinds). One parallel region, loops
- * shared in chunks of rows (swiglu_set_chunk; barriers between phases), and every output is summed
- * by one thread in one order (the result does not depend on the thread count or the schedule). */
-/* The body of swiglu_rows, run by every thread of an enclosing parallel region (its `omp for`s bind
- * to that region): swiglu_rows opens one per call, swiglu_token_loop one per token. */
+ * workspace, its inputs prepared (prepare_inputs); y[D] output; gs: int4 group size (ignored by other
+ * kinds). Run by every thread of an enclosing parallel region (its `omp for`s bind to that region):
+ * swiglu_rows opens one per call, swiglu_token_loop one per token. Loops are shared in chunks of rows
+ * (swiglu_set_chunk), with a barrier after each phase, and every output is summed by one thread in
+ * one order (the result does not depend on the thread count or the schedule).
+ * phase_ns (may be NULL): the first thread adds each phase's time, barrier to barrier, to
+ * phase_ns[1..3] = gate/up, activations, down (phase_ns[0], the inputs, is its caller's). */
 static void swiglu_team(const char *arena, int kind, int64_t row_bytes, int64_t off13, int64_t off2, int64_t off_s13,
                         int64_t off_s2, int64_t off_m13, int64_t off_m2, const int64_t *rows, const float *w, int n,
-                        int D, int Ig, int gs, const float *x, float *work, float *y, int64_t *phase_ns) {
+                        int D, int Ig, int gs, const float *x, work_t b, float *y, int64_t *phase_ns) {
     const int int4 = kind >= 3, q8 = kind == 4;
-    /* phase_ns (may be NULL): the first thread adds each phase's time, barrier to barrier, to
-     * phase_ns[0..4] = inputs, gate/up, activations, down, sum */
     const int timed = phase_ns != NULL && omp_get_thread_num() == 0;
     int64_t t_phase = timed ? now_ns() : 0;
 #define PHASE_DONE(k)                                                                                                \
@@ -345,132 +404,84 @@ static void swiglu_team(const char *arena, int kind, int64_t row_bytes, int64_t 
             t_phase = t_now;                                                                                           \
         }                                                                                                              \
     } while (0)
-    float *act = work, *part = work + (int64_t)n * Ig;
-    float *xd = part + (int64_t)n * D; /* kind 3: x deinterleaved [D]; kind 4: xq, x quantized [D] int8 */
-    int8_t *xq = (int8_t *)xd;
-    float *xv = xd + D / 4; /* kind 4: x's block scales [D / 32] */
-    float *xs = q8 ? xv + D / 32 : xd + D;
-    float *after_xs = xs + (int4 ? D / gs : 0);
-    int8_t *aq = (int8_t *)after_xs; /* kind 4: act quantized [n * Ig] int8, av its block scales */
-    float *av = after_xs + (q8 ? (int64_t)n * Ig / 4 : 0);
-    float *as = q8 ? av + (int64_t)n * Ig / 32 : after_xs;
-    {
-        /* phase 0 (int4): xd = x deinterleaved, xs[g] = sum of group g of x */
-        if (q8) {
-            /* group g's even inputs x[g gs + 2t] and odd ones x[g gs + 2t + 1], 32 t a block */
+    float *act = b.act, *as = b.as, *av = b.av;
+    int8_t *aq = b.aq;
+    /* phase 1: act[i, j] = w[i] * silu(w1_j . x) * (w3_j . x) */
 #pragma omp for schedule(runtime)
-            for (int g = 0; g < D / gs; g++) {
-                float sum = 0.f;
-                for (int bb = 0; bb < gs / 2; bb += 32)
+    for (int64_t t = 0; t < (int64_t)n * Ig; t++) {
+        int i = (int)(t / Ig), j = (int)(t % Ig);
+        const char *row = arena + rows[i] * row_bytes;
+        float g, u;
+        if (int4) {
+            const uint8_t *q = (const uint8_t *)(row + off13);
+            const uint16_t *s = (const uint16_t *)(row + off_s13), *m = (const uint16_t *)(row + off_m13);
+            int64_t G = D / gs;
+            if (q8) {
+                g = dot_i4q(q + (int64_t)j * (D / 2), s + j * G, m + j * G, b.xq, b.xv, b.xs, D, gs);
+                u = dot_i4q(q + (int64_t)(Ig + j) * (D / 2), s + (Ig + j) * G, m + (Ig + j) * G, b.xq, b.xv, b.xs, D,
+                            gs);
+            } else {
+                g = dot_i4(q + (int64_t)j * (D / 2), s + j * G, m + j * G, b.xd, b.xs, D, gs);
+                u = dot_i4(q + (int64_t)(Ig + j) * (D / 2), s + (Ig + j) * G, m + (Ig + j) * G, b.xd, b.xs, D, gs);
+            }
+        } else {
+            g = dot_any(row + off13, kind, (int64_t)j * D, x, D);
+            u = dot_any(row + off13, kind, (int64_t)(Ig + j) * D, x, D);
+        }
+        if (kind == 2) {
+            const float *s13 = (const float *)(row + off_s13);
+            g *= s13[j];
+            u *= s13[Ig + j];
+        }
+        act[int4 ? (int64_t)i * Ig + deinterleaved(j, Ig) : t] = w[i] * (g / (1.f + expf(-g))) * u;
+    }
+    PHASE_DONE(1);
+    /* phase 1b (int4): as[i, g] = sum of group g of unit i's act (kind 4: quantized per block, as x) */
+    if (int4) {
+        const int G = Ig / gs, gb = gs / 2;
+#pragma omp for schedule(runtime)
+        for (int64_t t = 0; t < (int64_t)n * G; t++) {
+            const int64_t i = t / G, g = t % G;
+            float sum = 0.f;
+            if (q8) { /* gb/32 blocks in each half of unit i's deinterleaved act */
+                for (int bb = 0; bb < gb; bb += 32)
                     for (int p = 0; p < 2; p++) {
-                        const int pos = p * (D / 2) + g * (gs / 2) + bb;
+                        const int64_t pos = i * Ig + p * (Ig / 2) + g * gb + bb;
                         int32_t qs;
-                        const float d = quant32(x + g * gs + 2 * bb + p, 2, xq + pos, &qs);
-                        xv[pos >> 5] = d;
+                        const float d = quant32(act + pos, 1, aq + pos, &qs);
+                        av[pos >> 5] = d;
                         sum += d * (float)qs;
                     }
-                xs[g] = sum;
-            }
-        } else if (int4) {
-#pragma omp for schedule(runtime)
-            for (int g = 0; g < D / gs; g++) {
-                float sum = 0.f;
-                for (int k = g * gs; k < (g + 1) * gs; k++) {
-                    xd[deinterleaved(k, D)] = x[k];
-                    sum += x[k];
-                }
-                xs[g] = sum;
-            }
-        }
-        PHASE_DONE(0);
-        /* phase 1: act[i, j] = w[i] * silu(w1_j . x) * (w3_j . x) */
-#pragma omp for schedule(runtime)
-        for (int64_t t = 0; t < (int64_t)n * Ig; t++) {
-            int i = (int)(t / Ig), j = (int)(t % Ig);
-            const char *row = arena + rows[i] * row_bytes;
-            float g, u;
-            if (int4) {
-                const uint8_t *q = (const uint8_t *)(row + off13);
-                const uint16_t *s = (const uint16_t *)(row + off_s13), *m = (const uint16_t *)(row + off_m13);
-                int64_t G = D / gs;
-                if (q8) {
-                    g = dot_i4q(q + (int64_t)j * (D / 2), s + j * G, m + j * G, xq, xv, xs, D, gs);
-                    u = dot_i4q(q + (int64_t)(Ig + j) * (D / 2), s + (Ig + j) * G, m + (Ig + j) * G, xq, xv, xs, D,
-                                gs);
-                } else {
-                    g = dot_i4(q + (int64_t)j * (D / 2), s + j * G, m + j * G, xd, xs, D, gs);
-                    u = dot_i4(q + (int64_t)(Ig + j) * (D / 2), s + (Ig + j) * G, m + (Ig + j) * G, xd, xs, D, gs);
-                }
             } else {
-                g = dot_any(row + off13, kind, (int64_t)j * D, x, D);
-                u = dot_any(row + off13, kind, (int64_t)(Ig + j) * D, x, D);
+                const float *a = act + i * Ig + g * gb;
+                for (int k = 0; k < gb; k++) sum += a[k] + a[Ig / 2 + k];
             }
-            if (kind == 2) {
-                const float *s13 = (const float *)(row + off_s13);
-                g *= s13[j];
-                u *= s13[Ig + j];
-            }
-            act[int4 ? (int64_t)i * Ig + deinterleaved(j, Ig) : t] = w[i] * (g / (1.f + expf(-g))) * u;
-        }
-        PHASE_DONE(1);
-        /* phase 1b (int4): as[i, g] = sum of group g of unit i's act */
-        if (int4) {
-            const int G = Ig / gs, gb = gs / 2;
-#pragma omp for schedule(runtime)
-            for (int64_t t = 0; t < (int64_t)n * G; t++) {
-                if (q8) { /* unit i's group g: gb/32 blocks in each half of its deinterleaved act */
-                    const int64_t i = t / G, g = t % G;
-                    float sum = 0.f;
-                    for (int bb = 0; bb < gb; bb += 32)
-                        for (int p = 0; p < 2; p++) {
-                            const int64_t pos = i * Ig + p * (Ig / 2) + g * gb + bb;
-                            int32_t qs;
-                            const float d = quant32(act + pos, 1, aq + pos, &qs);
-                            av[pos >> 5] = d;
-                            sum += d * (float)qs;
-                        }
-                    as[t] = sum;
-                    continue;
-                }
-                const float *a = act + (t / G) * Ig + (t % G) * gb;
-                float sum = 0.f;
-                for (int b = 0; b < gb; b++) sum += a[b] + a[Ig / 2 + b];
-                as[t] = sum;
-            }
+            as[t] = sum;
         }
         PHASE_DONE(2);
-        /* phase 2: part[i, d] = w2_i[d, :] . act[i, :] */
-#pragma omp for schedule(runtime)
-        for (int64_t t = 0; t < (int64_t)n * D; t++) {
-            int i = (int)(t / D), d = (int)(t % D);
-            const char *row = arena + rows[i] * row_bytes;
-            if (q8) {
-                int64_t G = Ig / gs;
-                part[t] = dot_i4q((const uint8_t *)(row + off2) + (int64_t)d * (Ig / 2),
-                                  (const uint16_t *)(row + off_s2) + d * G, (const uint16_t *)(row + off_m2) + d * G,
-                                  aq + (int64_t)i * Ig, av + (int64_t)i * Ig / 32, as + i * G, Ig, gs);
-                continue;
-            }
-            if (int4) {
-                int64_t G = Ig / gs;
-                part[t] = dot_i4((const uint8_t *)(row + off2) + (int64_t)d * (Ig / 2),
-                                 (const uint16_t *)(row + off_s2) + d * G, (const uint16_t *)(row + off_m2) + d * G,
-                                 act + (int64_t)i * Ig, as + i * G, Ig, gs);
-                continue;
-            }
-            float p = dot_any(row + off2, kind, (int64_t)d * Ig, act + (int64_t)i * Ig, Ig);
-            part[t] = kind == 2 ? p * ((const float *)(row + off_s2))[d] : p;
-        }
-        PHASE_DONE(3);
-        /* phase 3: y[d] = sum_i part[i, d] */
-#pragma omp for schedule(runtime)
-        for (int d = 0; d < D; d++) {
-            float acc = 0.f;
-            for (int i = 0; i < n; i++) acc += part[(int64_t)i * D + d];
-            y[d] = acc;
-        }
-        PHASE_DONE(4);
     }
+    /* phase 2: y[d] = sum_i w2_i[d, :] . act[i, :], the units in order */
+#pragma omp for schedule(runtime)
+    for (int d = 0; d < D; d++) {
+        float acc = 0.f;
+        for (int i = 0; i < n; i++) {
+            const char *row = arena + rows[i] * row_bytes;
+            float p;
+            if (int4) {
+                const int64_t G = Ig / gs;
+                const uint8_t *q = (const uint8_t *)(row + off2) + (int64_t)d * (Ig / 2);
+                const uint16_t *s = (const uint16_t *)(row + off_s2) + d * G, *m = (const uint16_t *)(row + off_m2) + d * G;
+                p = q8 ? dot_i4q(q, s, m, aq + (int64_t)i * Ig, av + (int64_t)i * Ig / 32, as + i * G, Ig, gs)
+                       : dot_i4(q, s, m, act + (int64_t)i * Ig, as + i * G, Ig, gs);
+            } else {
+                p = dot_any(row + off2, kind, (int64_t)d * Ig, act + (int64_t)i * Ig, Ig);
+                if (kind == 2) p *= ((const float *)(row + off_s2))[d];
+            }
+            acc += p;
+        }
+        y[d] = acc;
+    }
+    PHASE_DONE(3);
 #undef PHASE_DONE
 }
 
@@ -489,9 +500,11 @@ void swiglu_rows(const char *arena, int kind, int64_t row_bytes, int64_t off13, 
                  int64_t off_s2, int64_t off_m13, int64_t off_m2, const int64_t *rows, const float *w, int n,
                  int D, int Ig, int gs, const float *x, float *work, float *y, int threads) {
     apply_schedule();
+    const work_t b = work_layout(kind, n, D, Ig, gs, work);
+    prepare_inputs(kind, x, D, gs, b);
 #pragma omp parallel num_threads(threads)
-    swiglu_team(arena, kind, row_bytes, off13, off2, off_s13, off_s2, off_m13, off_m2, rows, w, n, D, Ig, gs, x,
-                work, y, NULL);
+    swiglu_team(arena, kind, row_bytes, off13, off2, off_s13, off_s2, off_m13, off_m2, rows, w, n, D, Ig, gs, x, b,
+                y, NULL);
 }
 
 /* ---- the CPU share of zero-copy decode (cache/cpu_share.py): one token's MoE layers, in order ----
@@ -504,8 +517,8 @@ void swiglu_rows(const char *arena, int kind, int64_t row_bytes, int64_t off13, 
  * output. Waits are spins with a pause (the GPU answers within microseconds); a wait longer than
  * timeout_ns gives up and returns -1 - l, so a broken graph never hangs this thread; gpu_flag[l] = -seq
  * (the host, after a failed run) returns -1 - n_layers. wait_ns[l] and
- * busy_ns[l] get the time spent waiting for layer l and computing it; phase_ns[0..4] accumulate the
- * compute's phases over the token (swiglu_team). Returns CPU units computed. */
+ * busy_ns[l] get the time spent waiting for layer l and computing it; phase_ns[0..3] accumulate the
+ * compute's phases over the token (the rows and inputs, then swiglu_team's). Returns CPU units computed. */
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define SPIN_PAUSE() _mm_pause()
@@ -562,12 +575,15 @@ int64_t swiglu_token_loop(const int32_t *gpu_flag, int32_t *cpu_flag, int32_t se
                     }
                 }
                 if (!n) memset(yl, 0, sizeof(float) * D);
+                else prepare_inputs(kind, x, D, gs, work_layout(kind, n, D, Ig, gs, work));
                 n_units = n;
-            } /* implicit barrier: every thread sees n_units, rows and w */
+            } /* implicit barrier: every thread sees n_units, rows, w and the prepared inputs */
             const int n = n_units;
+            if (master) phase_ns[0] += now_ns() - t1;
             if (n)
                 swiglu_team((const char *)arenas[l], kind, row_bytes, off13, off2, off_s13, off_s2, off_m13, off_m2,
-                            rows, w, n, D, Ig, gs, x, work, yl, phase_ns); /* ends with a barrier: y is complete */
+                            rows, w, n, D, Ig, gs, x, work_layout(kind, n, D, Ig, gs, work), yl,
+                            phase_ns); /* ends with a barrier: y is complete */
             if (master) {
                 computed += n;
                 __atomic_store_n(&cpu_flag[l], seq, __ATOMIC_RELEASE);
