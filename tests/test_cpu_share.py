@@ -330,6 +330,28 @@ def test_int8_activations_keep_the_default_models_perplexity(monkeypatch):
     assert abs(int8 / exact - 1) < 0.01 and abs(int8 / gpu_path - 1) < 0.01, report
 
 
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_the_loops_barrier_holds_every_thread_until_all_arrive(threads):
+    """The spinning barrier between the loop's phases, on its own: 20000 rounds, also with more
+    threads than cores (a waiter then yields). Made a no-op, it fails this check."""
+    assert native.load().swiglu_barrier_check(threads, 20000) == 0
+
+
+@pytest.mark.parametrize("threads", [2, 3, 5])
+@pytest.mark.parametrize("name", ["olmoe", "mixtral-gqa"])
+def test_a_team_of_threads_matches_direct_decode(checkpoints, direct_ref, name, threads):
+    """The loop's team (its own spinning barriers between phases) with several threads, also more
+    threads than this machine's cores: the same logits and tokens as without a share, twice over."""
+    ref_logits, ref_tokens = direct_ref[name]
+    eng = load_cpu(checkpoints[name], schedule="direct", cache_fraction=0.25, cpu_share=1.0, cpu_threads=threads)
+    assert eng.experts.direct.cpu_share.threads == threads
+    for _ in range(2):
+        torch.testing.assert_close(decode_logits(eng), ref_logits, rtol=1e-4, atol=1e-4)
+        assert eng.generate_ids(PROMPT, max_new_tokens=12) == ref_tokens
+    assert eng.stats()["cpu_share_units"] > 0
+    eng.close()
+
+
 def test_loop_reports_its_phases(checkpoints):
     """The CPU loop's compute, split by phase: each phase is timed, they add up to no more than the
     loop's busy time, and reset_stats clears them."""

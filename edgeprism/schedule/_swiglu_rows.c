@@ -27,6 +27,7 @@
  */
 #include <math.h>
 #include <omp.h>
+#include <sched.h>
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
@@ -35,6 +36,43 @@ static inline int64_t now_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define SPIN_PAUSE() _mm_pause()
+#else
+#define SPIN_PAUSE() ((void)0)
+#endif
+
+/* A barrier whose waiters spin (with a pause) and never sleep, for the CPU share's loop: libgomp's
+ * own barrier spins only ~100 times before sleeping when it manages more threads than there are
+ * CPUs (an idle pool elsewhere in the process counts), and waking a sleeping vCPU costs tens of µs
+ * (the H100 box measured 44-93 µs for phases of a few µs of work). The loop's threads already spin
+ * on the GPU's flags between layers, so this adds no busy time (a long wait yields now and then, in
+ * case a thread of the team is not running). The last of `nth` threads to arrive
+ * resets the count and then moves `gen` on (release); the others leave once they see it move
+ * (acquire), so everything written before the barrier is visible after it. NULL: an OpenMP barrier. */
+typedef struct {
+    int arrived, gen;
+} spin_barrier_t;
+
+static void team_barrier(spin_barrier_t *b, int nth) {
+    if (b == NULL) {
+#pragma omp barrier
+        return;
+    }
+    const int gen = __atomic_load_n(&b->gen, __ATOMIC_ACQUIRE);
+    if (__atomic_add_fetch(&b->arrived, 1, __ATOMIC_ACQ_REL) == nth) {
+        __atomic_store_n(&b->arrived, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&b->gen, gen + 1, __ATOMIC_RELEASE);
+    } else {
+        unsigned spins = 0;
+        while (__atomic_load_n(&b->gen, __ATOMIC_ACQUIRE) == gen) {
+            SPIN_PAUSE();
+            if ((++spins & 4095) == 0) sched_yield(); /* more threads than cores: let the late one run */
+        }
+    }
 }
 
 static inline float bits_to_f32(uint32_t u) {
@@ -382,17 +420,38 @@ static void prepare_inputs(int kind, const float *x, int D, int gs, work_t b) {
     }
 }
 
+/* For the tests: `rounds` rounds in which every thread adds 1 to a shared count, meets the others at
+ * a team_barrier, and checks that the whole round's additions are there. Returns the failed checks
+ * (0 for a barrier that works). */
+int64_t swiglu_barrier_check(int threads, int rounds) {
+    spin_barrier_t bar = {0, 0};
+    int64_t count = 0, bad = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        const int nth = omp_get_num_threads();
+        for (int r = 0; r < rounds; r++) {
+            __atomic_add_fetch(&count, 1, __ATOMIC_RELAXED);
+            team_barrier(&bar, nth);
+            if (__atomic_load_n(&count, __ATOMIC_RELAXED) < (int64_t)(r + 1) * nth) __atomic_add_fetch(&bad, 1, __ATOMIC_RELAXED);
+        }
+    }
+    return bad;
+}
+
 /* arena: row 0; rows[n]: which rows; w[n]: unit weights; x[D]; work: [swiglu_rows_work(...)]
  * workspace, its inputs prepared (prepare_inputs); y[D] output; gs: int4 group size (ignored by other
  * kinds). Run by every thread of an enclosing parallel region (its `omp for`s bind to that region):
  * swiglu_rows opens one per call, swiglu_token_loop one per token. Loops are shared in chunks of rows
  * (swiglu_set_chunk), with a barrier after each phase, and every output is summed by one thread in
- * one order (the result does not depend on the thread count or the schedule).
+ * one order (the result does not depend on the thread count or the schedule). The barriers are
+ * `bar`'s (team_barrier; NULL = OpenMP's).
  * phase_ns (may be NULL): the first thread adds each phase's time, barrier to barrier, to
  * phase_ns[1..3] = gate/up, activations, down (phase_ns[0], the inputs, is its caller's). */
 static void swiglu_team(const char *arena, int kind, int64_t row_bytes, int64_t off13, int64_t off2, int64_t off_s13,
                         int64_t off_s2, int64_t off_m13, int64_t off_m2, const int64_t *rows, const float *w, int n,
-                        int D, int Ig, int gs, const float *x, work_t b, float *y, int64_t *phase_ns) {
+                        int D, int Ig, int gs, const float *x, work_t b, float *y, int64_t *phase_ns,
+                        spin_barrier_t *bar) {
+    const int nth = omp_get_num_threads();
     const int int4 = kind >= 3, q8 = kind == 4;
     const int timed = phase_ns != NULL && omp_get_thread_num() == 0;
     int64_t t_phase = timed ? now_ns() : 0;
@@ -407,7 +466,7 @@ static void swiglu_team(const char *arena, int kind, int64_t row_bytes, int64_t 
     float *act = b.act, *as = b.as, *av = b.av;
     int8_t *aq = b.aq;
     /* phase 1: act[i, j] = w[i] * silu(w1_j . x) * (w3_j . x) */
-#pragma omp for schedule(runtime)
+#pragma omp for schedule(runtime) nowait
     for (int64_t t = 0; t < (int64_t)n * Ig; t++) {
         int i = (int)(t / Ig), j = (int)(t % Ig);
         const char *row = arena + rows[i] * row_bytes;
@@ -435,11 +494,12 @@ static void swiglu_team(const char *arena, int kind, int64_t row_bytes, int64_t 
         }
         act[int4 ? (int64_t)i * Ig + deinterleaved(j, Ig) : t] = w[i] * (g / (1.f + expf(-g))) * u;
     }
+    team_barrier(bar, nth);
     PHASE_DONE(1);
     /* phase 1b (int4): as[i, g] = sum of group g of unit i's act (kind 4: quantized per block, as x) */
     if (int4) {
         const int G = Ig / gs, gb = gs / 2;
-#pragma omp for schedule(runtime)
+#pragma omp for schedule(runtime) nowait
         for (int64_t t = 0; t < (int64_t)n * G; t++) {
             const int64_t i = t / G, g = t % G;
             float sum = 0.f;
@@ -458,10 +518,11 @@ static void swiglu_team(const char *arena, int kind, int64_t row_bytes, int64_t 
             }
             as[t] = sum;
         }
+        team_barrier(bar, nth);
         PHASE_DONE(2);
     }
     /* phase 2: y[d] = sum_i w2_i[d, :] . act[i, :], the units in order */
-#pragma omp for schedule(runtime)
+#pragma omp for schedule(runtime) nowait
     for (int d = 0; d < D; d++) {
         float acc = 0.f;
         for (int i = 0; i < n; i++) {
@@ -481,6 +542,7 @@ static void swiglu_team(const char *arena, int kind, int64_t row_bytes, int64_t 
         }
         y[d] = acc;
     }
+    team_barrier(bar, nth);
     PHASE_DONE(3);
 #undef PHASE_DONE
 }
@@ -504,7 +566,7 @@ void swiglu_rows(const char *arena, int kind, int64_t row_bytes, int64_t off13, 
     prepare_inputs(kind, x, D, gs, b);
 #pragma omp parallel num_threads(threads)
     swiglu_team(arena, kind, row_bytes, off13, off2, off_s13, off_s2, off_m13, off_m2, rows, w, n, D, Ig, gs, x, b,
-                y, NULL);
+                y, NULL, NULL);
 }
 
 /* ---- the CPU share of zero-copy decode (cache/cpu_share.py): one token's MoE layers, in order ----
@@ -519,12 +581,6 @@ void swiglu_rows(const char *arena, int kind, int64_t row_bytes, int64_t off13, 
  * (the host, after a failed run) returns -1 - n_layers. wait_ns[l] and
  * busy_ns[l] get the time spent waiting for layer l and computing it; phase_ns[0..3] accumulate the
  * compute's phases over the token (the rows and inputs, then swiglu_team's). Returns CPU units computed. */
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define SPIN_PAUSE() _mm_pause()
-#else
-#define SPIN_PAUSE() ((void)0)
-#endif
 
 int64_t swiglu_token_loop(const int32_t *gpu_flag, int32_t *cpu_flag, int32_t seq, int n_layers,
                           const float *pub, int64_t rec, int A, float *y, const int64_t *arenas, int kind,
@@ -537,10 +593,11 @@ int64_t swiglu_token_loop(const int32_t *gpu_flag, int32_t *cpu_flag, int32_t se
      * layer's compute). `code`: 0, or the first reason to stop, seen by all threads at a barrier. */
     int64_t computed = 0, code = 0;
     int n_units = 0;
+    spin_barrier_t bar = {0, 0};
     apply_schedule();
 #pragma omp parallel num_threads(threads)
     {
-        const int master = omp_get_thread_num() == 0;
+        const int master = omp_get_thread_num() == 0, nth = omp_get_num_threads();
         for (int l = 0; l < n_layers; l++) {
             int64_t t0 = now_ns();
             unsigned spins = 0;
@@ -557,14 +614,14 @@ int64_t swiglu_token_loop(const int32_t *gpu_flag, int32_t *cpu_flag, int32_t se
                 if (__atomic_load_n(&code, __ATOMIC_ACQUIRE)) break;
                 SPIN_PAUSE();
             }
-#pragma omp barrier
+            team_barrier(&bar, nth);
             /* no thread changes `code` before every thread has read it: the next place it can be set
              * is the next layer's poll, behind the barrier that ends the `single` below */
             if (__atomic_load_n(&code, __ATOMIC_ACQUIRE)) break;
             int64_t t1 = now_ns();
             const float *p = pub + (int64_t)l * rec, *x = p, *units = p + D;
             float *yl = y + (int64_t)l * D;
-#pragma omp single
+#pragma omp single nowait
             {
                 int n = 0;
                 for (int a = 0; a < A; a++) {
@@ -577,13 +634,14 @@ int64_t swiglu_token_loop(const int32_t *gpu_flag, int32_t *cpu_flag, int32_t se
                 if (!n) memset(yl, 0, sizeof(float) * D);
                 else prepare_inputs(kind, x, D, gs, work_layout(kind, n, D, Ig, gs, work));
                 n_units = n;
-            } /* implicit barrier: every thread sees n_units, rows, w and the prepared inputs */
+            }
+            team_barrier(&bar, nth); /* every thread sees n_units, rows, w and the prepared inputs */
             const int n = n_units;
             if (master) phase_ns[0] += now_ns() - t1;
             if (n)
                 swiglu_team((const char *)arenas[l], kind, row_bytes, off13, off2, off_s13, off_s2, off_m13, off_m2,
-                            rows, w, n, D, Ig, gs, x, work_layout(kind, n, D, Ig, gs, work), yl,
-                            phase_ns); /* ends with a barrier: y is complete */
+                            rows, w, n, D, Ig, gs, x, work_layout(kind, n, D, Ig, gs, work), yl, phase_ns,
+                            &bar); /* ends with a barrier: y is complete */
             if (master) {
                 computed += n;
                 __atomic_store_n(&cpu_flag[l], seq, __ATOMIC_RELEASE);

@@ -95,6 +95,8 @@ def load() -> ctypes.CDLL | None:
                                 ptr, i32]
     lib.swiglu_rows_work.restype = i64
     lib.swiglu_rows_work.argtypes = [i32, i32, i32, i32, i32]
+    lib.swiglu_barrier_check.restype = i64
+    lib.swiglu_barrier_check.argtypes = [i32, i32]
     lib.swiglu_set_chunk.restype = None
     lib.swiglu_set_chunk.argtypes = [i32]
     lib.swiglu_set_chunk(loop_chunk())
