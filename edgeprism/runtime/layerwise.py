@@ -66,7 +66,7 @@ class LayerwiseDecode:
         self._idle = [0] * self.M
         self.idle_after, self.idle_probe = IDLE_AFTER, IDLE_PROBE
         self._predict_now = False
-        self.idle_skips = 0  # layers whose prediction was skipped so
+        self.idle_skips = 0  # predictions skipped while idle (since the last reset_stats)
         if self.lookahead > 0:
             targets = [(model.layers[i].ffn_norm, model.layers[i].ffn) for i in self.moe_layers]
             self.predictor = NextLayerPredictor(targets, self.lookahead,

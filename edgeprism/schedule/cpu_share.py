@@ -52,12 +52,12 @@ GPU_WAIT_POLLS = 8  # a layer whose merge polled more than this waited for the C
 ADAPT_STEP = 0.1  # how far `frac` moves per window in adaptive mode
 ADAPT_WINDOW = 8  # decode steps per measurement window
 ADAPT_TOLERANCE = 0.02  # a neighbour must be this much faster to move there (noise below it)
+ADAPT_STALE = 12  # windows after which a share's measured step time is measured again
 # the CPU compute of a layer, barrier to barrier (_swiglu_rows.c): the units' rows and the inputs
 # (deinterleaved or quantized x, int4), the gate/up rows, the activations' sums or quantization
 # (int4), the down rows with the sum over units; `summary()["cpu_share_phase_s"]` reports each one's
 # total seconds
 PHASES = ("inputs", "gate_up", "activations", "down")
-ADAPT_STALE = 12  # windows after which a share's measured step time is measured again
 
 
 class CpuShare:
