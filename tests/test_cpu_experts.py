@@ -98,11 +98,11 @@ NATIVE = pytest.mark.skipif(native.load() is None, reason="native kernel unavail
 
 
 def quantize_q8(v: torch.Tensor) -> torch.Tensor:
-    """v with each block of 32 same-parity inputs of 64 (the kernel's blocks, once deinterleaved)
-    quantized to int8 against the block's max |v| / 127 and dequantized, rounding as the kernel does."""
+    """v with each chunk of 64 inputs (the kernel's chunks: the 32 bytes of a row that hold them)
+    quantized to int8 against the chunk's max |v| / 127 and dequantized, rounding as the kernel does."""
     n = v.shape[-1]
-    b = v.reshape(*v.shape[:-1], n // 64, 32, 2)
-    d = b.abs().amax(dim=-2, keepdim=True) / 127
+    b = v.reshape(*v.shape[:-1], n // 64, 64)
+    d = b.abs().amax(dim=-1, keepdim=True) / 127
     inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
     return (torch.round(b * inv) * d).reshape(v.shape)
 
@@ -122,15 +122,20 @@ def reference_q8(s: HostStore, x: torch.Tensor, rows: list[int], weights: torch.
 @pytest.mark.parametrize("rows", [[5], [0, 1, 2], [13, 2, 7, 8, 9], [15, 0, 11, 4, 3, 12, 6]])  # odd subsets
 @pytest.mark.parametrize("x_bf16", [False, True])
 @pytest.mark.parametrize("act", ["fp32", "int8"])
-def test_native_int4_equals_the_formats_reference(expert_dtype: str, rows: list[int], x_bf16: bool, act: str) -> None:
+@pytest.mark.parametrize("shape", [(256, 256), (384, 768)])
+def test_native_int4_equals_the_formats_reference(expert_dtype: str, rows: list[int], x_bf16: bool, act: str,
+                                                  shape: tuple[int, int]) -> None:
     """Packed nibbles, fp16 scales and minimums read in place = dequantize, then fp32 matmul; also with
     x exactly bf16, as a bf16 model's activations are. With int8 activations: the same against the
     quantized inputs (the integer dots are exact), and within 3% (relative norm) of the exact inputs'
-    result — int4 weights themselves are ~9% off per weight (measured 1.0-1.3% here)."""
-    s = store(torch.float32, 2, expert_dtype, dim=256, inter=256)  # Ig 128: both group sizes divide D and Ig
+    result — int4 weights themselves are ~9% off per weight (measured 1.0-1.3% here). Shapes: D 256 and
+    Ig 128 (4 and 2 chunks of 64: the kernel's 4-chunk loop, and its tail alone); D 384 and Ig 384 (6
+    chunks: both). Both group sizes divide D and Ig."""
+    dim, inter = shape
+    s = store(torch.float32, 2, expert_dtype, dim=dim, inter=inter)
     assert s.format.group_size == int(expert_dtype[-3:].lstrip("-g"))
     g = torch.Generator().manual_seed(len(rows))
-    x, w = torch.randn(1, 256, generator=g), torch.rand(len(rows), generator=g) * 2 - 0.5  # some negative
+    x, w = torch.randn(1, dim, generator=g), torch.rand(len(rows), generator=g) * 2 - 0.5  # some negative
     if x_bf16:
         x = x.bfloat16().float()
     ref = reference(s, x, rows, w)
@@ -159,12 +164,16 @@ def test_int4_activations_setting(monkeypatch) -> None:
 
 
 @NATIVE
-def test_native_int4_reads_its_rows_in_compute_dtype_bf16() -> None:
+@pytest.mark.parametrize("act", ["fp32", "int8"])
+def test_native_int4_reads_its_rows_in_compute_dtype_bf16(act: str) -> None:
+    """bf16 rows' scales and bf16 x in, bf16 out: the reference within bf16's tolerance (with int8
+    activations, the reference on the quantized inputs)."""
     s = store(torch.bfloat16, 2, "int4", dim=256, inter=256)
-    path = CpuExperts(s.format, threads=2)
+    path = CpuExperts(s.format, threads=2, int4_act=act)
     assert path.impl == "native"
-    x, rows, w = torch.randn(1, 256).bfloat16(), [3, 9, 10], torch.rand(3)
-    ref = reference(s, x, rows, w)
+    g = torch.Generator().manual_seed(3)
+    x, rows, w = torch.randn(1, 256, generator=g).bfloat16(), [3, 9, 10], torch.rand(3, generator=g)
+    ref = (reference if act == "fp32" else reference_q8)(s, x, rows, w)
     y = path(x, s.arenas[0], rows, w)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), ref.float(), atol=tolerance(torch.bfloat16, ref), rtol=0)

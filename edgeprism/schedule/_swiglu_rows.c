@@ -9,16 +9,16 @@
  * (w = q * s + m). An int4 dot over one group is s * sum_k q_k v_k + m * sum_k v_k, so the kernel
  * keeps its inputs deinterleaved (even k, then odd k: a byte's two nibbles meet two contiguous
  * streams) with their group sums beside them.
- * Kind 4 is int4 rows with int8 activations (llama.cpp's Q8 trick): the inputs of each dot, once
- * deinterleaved, are quantized per block of 32 to int8 with one fp32 scale (v ~ d q, d = max|v| / 127,
- * round to nearest even), and a group's dot is s * sum_b d_b sum_k q_k vq_k + m * sum_b d_b sum_k vq_k:
- * exactly the dot of the dequantized row with the dequantized inputs, in integer arithmetic (maddubs
- * or VNNI) where kind 3 converts every nibble to float; the kernel stops being compute-bound.
+ * Kind 4 is int4 rows with int8 activations (llama.cpp's Q8 trick): the inputs of each dot are
+ * quantized to int8 per chunk of 64 (the 32 bytes of a row that hold them) with one fp32 scale (v ~
+ * d q, d = max|v| / 127, round to nearest even), and a group's dot is s * sum_c d_c sum_k q_k vq_k +
+ * m * sum_c d_c sum_k vq_k: exactly the dot of the dequantized row with the dequantized inputs, in
+ * integer arithmetic (maddubs or VNNI) where kind 3 converts every nibble to float.
  * Inputs (int4), one thread:             xd = x deinterleaved, xs[g] = sum of x over group g
- *          (kind 4: xq = x deinterleaved and quantized, xv its block scales, xs its dequantized sums)
+ *          (kind 4: xq = x deinterleaved and quantized, xv its chunk scales, xs its dequantized sums)
  * Phase 1, parallel over (unit, neuron): act[i, j] = w[i] * silu(w1_j . x) * (w3_j . x)   (fp32)
  *          (int4: act stored deinterleaved per unit, then as[i, g] = its group sums; kind 4 also
- *          quantizes it per block, as x)
+ *          quantizes it per chunk, as x)
  * Phase 2, parallel over output d:       y[d] = sum_i sum_j w2_i[d, j] * act[i, j]         (fp32)
  * Both phases stream the weights once; accumulation is fp32 whatever the storage. A barrier costs
  * tens of µs on a VM whose idle threads sleep (measured on the H100 box), so the tiny steps have no
@@ -253,74 +253,102 @@ static inline float dot_i4(const uint8_t *q, const uint16_t *s, const uint16_t *
 
 
 /* ---- int4 rows . int8 inputs (kind 4) ----
- * vq: the inputs deinterleaved (even k, then odd k) and quantized per block of 32 to int8, vd [n/32]
- * their block scales, vs [n/gs] each group's sum of dequantized inputs. The bytes of a group meet one
- * block of even inputs and one of odd inputs per 32 bytes, so a step is two 32-wide integer dots. */
+ * A row's 32 bytes at 32c (chunk c) hold inputs 64c .. 64c + 63: low nibbles the even ones, high
+ * nibbles the odd ones. vq: the inputs deinterleaved (even k, then odd k) and quantized to int8 per
+ * chunk, one scale for its 64 inputs (its even ones at vq[32c], its odd ones at vq[n/2 + 32c]); vd
+ * [n/64] the chunks' scales; vs [n/gs] each group's sum of dequantized inputs. A chunk's dot is then
+ * one integer sum, scaled once by its group's scale times its own: s_g d_c sum_k q_k vq_k. */
 static inline float dot_i4q_generic(const uint8_t *q, const uint16_t *s, const uint16_t *m, const int8_t *vq,
                                     const float *vd, const float *vs, int n, int gs) {
-    const int gb = gs / 2, half = n / 2;
+    const int half = n / 2, per = gs / 64;
     float acc = 0.f, shift = 0.f;
-    for (int g = 0; g < n / gs; g++) {
-        float ag = 0.f;
-        PREFETCH(q + (int64_t)g * gb);
-        for (int b = 0; b < gb; b += 32) {
-            const int pe = g * gb + b, po = half + pe;
-            int32_t ie = 0, io = 0;
-            for (int t = 0; t < 32; t++) {
-                uint8_t v = q[pe + t];
-                ie += (int32_t)(v & 15) * vq[pe + t];
-                io += (int32_t)(v >> 4) * vq[po + t];
-            }
-            ag += (float)ie * vd[pe >> 5] + (float)io * vd[po >> 5];
+    for (int c = 0; c < n / 64; c++) {
+        int32_t p = 0;
+        PREFETCH(q + 32 * c);
+        for (int t = 0; t < 32; t++) {
+            const uint8_t v = q[32 * c + t];
+            p += (int32_t)(v & 15) * vq[32 * c + t] + (int32_t)(v >> 4) * vq[half + 32 * c + t];
         }
-        acc += f16_to_f32(s[g]) * ag;
-        shift += f16_to_f32(m[g]) * vs[g];
+        acc += f16_to_f32(s[c / per]) * vd[c] * (float)p;
     }
+    for (int g = 0; g < n / gs; g++) shift += f16_to_f32(m[g]) * vs[g];
     return acc + shift;
 }
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 
-/* 32 unsigned bytes . 32 signed bytes -> 8 int32 partial sums: one VNNI instruction where the CPU
- * has it (the GPU box's Xeon), else maddubs (pairs into int16: at most 2 * 15 * 127, no saturation)
- * and madd against ones. */
-static inline __m256i dot_u8s8(__m256i u, __m256i s8) {
+/* lo . xe + hi . xo (32 unsigned bytes against 32 signed bytes, twice) -> 8 int32 partial sums: VNNI
+ * where the CPU has it (the GPU box's Xeon), else maddubs (pairs into int16: at most 2 * 15 * 127;
+ * the two added, 4 * 15 * 127 < 2^15, no saturation) and madd against ones. */
+static inline __m256i dot2_u8s8(__m256i lo, __m256i xe, __m256i hi, __m256i xo) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s8);
+    return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xe), hi, xo);
 #elif defined(__AVXVNNI__)
-    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s8);
+    return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), lo, xe), hi, xo);
 #else
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s8), _mm256_set1_epi16(1));
+    return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo)),
+                             _mm256_set1_epi16(1));
 #endif
 }
 
-/* per 32 bytes (64 weights): one load, three ops to split the nibbles, two integer dots, two
- * converts and two FMAs against the blocks' scales; the group's scale is applied once per group */
+/* one chunk's integer dot, 8 partial sums (see dot_i4q_generic) */
+static inline __m256i chunk_i4q(const uint8_t *q, const int8_t *vq, int half, int c) {
+    const __m256i low = _mm256_set1_epi8(15);
+    const __m256i qb = _mm256_loadu_si256((const __m256i *)(q + 32 * c));
+    return dot2_u8s8(_mm256_and_si256(qb, low), _mm256_loadu_si256((const __m256i *)(vq + 32 * c)),
+                     _mm256_and_si256(_mm256_srli_epi16(qb, 4), low),
+                     _mm256_loadu_si256((const __m256i *)(vq + half + 32 * c)));
+}
+
+/* Four chunks at a time: four independent integer dots (no float work per chunk), their partial sums
+ * folded into one int32 each by three horizontal adds, then one convert and one FMA against the four
+ * chunks' scales s_g d_c. Per 32 bytes: a load, three ops to split the nibbles, two integer dots and
+ * a share of the fold, where scaling each chunk's partial sums in float (the first version) was
+ * compute-bound at ~4 GB/s a core. */
 static inline float dot_i4q(const uint8_t *q, const uint16_t *s, const uint16_t *m, const int8_t *vq,
                             const float *vd, const float *vs, int n, int gs) {
-    const int gb = gs / 2, half = n / 2;
-    const __m256i low = _mm256_set1_epi8(15);
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    float shift = 0.f;
-    for (int g = 0; g < n / gs; g++) {
-        __m256 ag = _mm256_setzero_ps();
-        PREFETCH(q + (int64_t)g * gb);
-        for (int b = 0; b < gb; b += 32) {
-            const int pe = g * gb + b, po = half + pe;
-            __m256i qb = _mm256_loadu_si256((const __m256i *)(q + pe));
-            __m256i lo = _mm256_and_si256(qb, low), hi = _mm256_and_si256(_mm256_srli_epi16(qb, 4), low);
-            __m256i ie = dot_u8s8(lo, _mm256_loadu_si256((const __m256i *)(vq + pe)));
-            __m256i io = dot_u8s8(hi, _mm256_loadu_si256((const __m256i *)(vq + po)));
-            ag = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ie), _mm256_set1_ps(vd[pe >> 5]), ag);
-            ag = _mm256_fmadd_ps(_mm256_cvtepi32_ps(io), _mm256_set1_ps(vd[po >> 5]), ag);
+    const int half = n / 2, C = n / 64, per = gs / 64, G = n / gs;
+    __m128 acc = _mm_setzero_ps();
+    int c = 0;
+    for (; c + 4 <= C; c += 4) {
+        PREFETCH(q + 32 * c);
+        PREFETCH(q + 32 * c + 64);
+        const __m256i p0 = chunk_i4q(q, vq, half, c), p1 = chunk_i4q(q, vq, half, c + 1);
+        const __m256i p2 = chunk_i4q(q, vq, half, c + 2), p3 = chunk_i4q(q, vq, half, c + 3);
+        const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3));
+        const __m128i t = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+        __m128 sc;
+        if (per == 1) {
+            sc = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(s + c)));
+        } else if (per == 2) { /* groups of 128: scales a, b -> a a b b */
+            int32_t two;
+            memcpy(&two, s + c / 2, sizeof two);
+            const __m128 ab = _mm_cvtph_ps(_mm_cvtsi32_si128(two));
+            sc = _mm_unpacklo_ps(ab, ab);
+        } else {
+            sc = _mm_setr_ps(_cvtsh_ss(s[c / per]), _cvtsh_ss(s[(c + 1) / per]), _cvtsh_ss(s[(c + 2) / per]),
+                             _cvtsh_ss(s[(c + 3) / per]));
         }
-        __m256 sg = _mm256_set1_ps(_cvtsh_ss(s[g]));
-        if (g & 1) acc1 = _mm256_fmadd_ps(sg, ag, acc1); /* two chains: a group is only a few cycles */
-        else acc0 = _mm256_fmadd_ps(sg, ag, acc0);
-        shift += _cvtsh_ss(m[g]) * vs[g];
+        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(t), _mm_mul_ps(sc, _mm_loadu_ps(vd + c)), acc);
     }
-    return shift + hsum8(_mm256_add_ps(acc0, acc1));
+    acc = _mm_add_ps(acc, _mm_movehl_ps(acc, acc));
+    float sum = _mm_cvtss_f32(_mm_add_ss(acc, _mm_movehdup_ps(acc)));
+    for (; c < C; c++) { /* the last n/64 mod 4 chunks */
+        const __m256i p = chunk_i4q(q, vq, half, c);
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
+        t = _mm_add_epi32(t, _mm_unpackhi_epi64(t, t));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 1));
+        sum += _cvtsh_ss(s[c / per]) * vd[c] * (float)_mm_cvtsi128_si32(t);
+    }
+    __m128 sh = _mm_setzero_ps();
+    int g = 0;
+    for (; g + 4 <= G; g += 4)
+        sh = _mm_fmadd_ps(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(m + g))), _mm_loadu_ps(vs + g), sh);
+    sh = _mm_add_ps(sh, _mm_movehl_ps(sh, sh));
+    float shift = _mm_cvtss_f32(_mm_add_ss(sh, _mm_movehdup_ps(sh)));
+    for (; g < G; g++) shift += _cvtsh_ss(m[g]) * vs[g];
+    return sum + shift;
 }
 #else
 static inline float dot_i4q(const uint8_t *q, const uint16_t *s, const uint16_t *m, const int8_t *vq,
@@ -329,17 +357,19 @@ static inline float dot_i4q(const uint8_t *q, const uint16_t *s, const uint16_t 
 }
 #endif
 
-/* v[0], v[stride], ... (32 of them) -> q[0..31] int8; returns the scale d (v ~ d q; 0 for a zero
- * block) and adds sum_k q_k to *qsum */
-static inline float quant32(const float *v, int stride, int8_t *q, int32_t *qsum) {
+/* One chunk of 64 inputs: ve[0], ve[stride], ... and vo[0], vo[stride], ... (32 each: its even and
+ * odd inputs) -> qe[0..31], qo[0..31] int8 against one scale d (v ~ d q, d = max |v| / 127; 0 for a
+ * zero chunk), rounding to nearest even; returns d and sets *qsum = sum of the 64 q */
+static inline float quant64(const float *ve, const float *vo, int stride, int8_t *qe, int8_t *qo, int32_t *qsum) {
     float amax = 0.f;
-    for (int t = 0; t < 32; t++) amax = fmaxf(amax, fabsf(v[t * stride]));
+    for (int t = 0; t < 32; t++) amax = fmaxf(amax, fmaxf(fabsf(ve[t * stride]), fabsf(vo[t * stride])));
     const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
     int32_t sum = 0;
     for (int t = 0; t < 32; t++) {
-        int32_t v8 = (int32_t)nearbyintf(v[t * stride] * id);
-        q[t] = (int8_t)v8;
-        sum += v8;
+        const int32_t e = (int32_t)nearbyintf(ve[t * stride] * id), o = (int32_t)nearbyintf(vo[t * stride] * id);
+        qe[t] = (int8_t)e;
+        qo[t] = (int8_t)o;
+        sum += e + o;
     }
     *qsum = sum;
     return d;
@@ -359,7 +389,7 @@ static inline int64_t deinterleaved(int64_t k, int n) { return (k & 1) * (n / 2)
 int64_t swiglu_rows_work(int kind, int n, int D, int Ig, int gs) {
     int64_t base = (int64_t)n * Ig; /* act */
     if (kind == 4) /* xq (int8), xv, xs; aq (int8), av, as */
-        return base + D / 4 + D / 32 + D / gs + (int64_t)n * Ig / 4 + (int64_t)n * Ig / 32 + (int64_t)n * (Ig / gs);
+        return base + D / 4 + D / 64 + D / gs + (int64_t)n * Ig / 4 + (int64_t)n * Ig / 64 + (int64_t)n * (Ig / gs);
     return kind == 3 ? base + D + D / gs + (int64_t)n * (Ig / gs) : base;
 }
 
@@ -368,10 +398,10 @@ typedef struct {
     float *act;  /* [n, Ig] fp32 activations (int4: deinterleaved per unit) */
     float *xd;   /* kind 3: x deinterleaved [D] */
     int8_t *xq;  /* kind 4: x deinterleaved and quantized [D] */
-    float *xv;   /* kind 4: x's block scales [D / 32] */
+    float *xv;   /* kind 4: x's chunk scales [D / 64] */
     float *xs;   /* int4: x's group sums [D / gs] */
     int8_t *aq;  /* kind 4: act quantized [n * Ig] */
-    float *av;   /* kind 4: act's block scales [n * Ig / 32] */
+    float *av;   /* kind 4: act's chunk scales [n * Ig / 64] */
     float *as;   /* int4: act's group sums [n, Ig / gs] */
 } work_t;
 
@@ -382,30 +412,28 @@ static work_t work_layout(int kind, int n, int D, int Ig, int gs, float *work) {
     b.xd = work + (int64_t)n * Ig;
     b.xq = (int8_t *)b.xd;
     b.xv = b.xd + D / 4;
-    b.xs = q8 ? b.xv + D / 32 : b.xd + D;
+    b.xs = q8 ? b.xv + D / 64 : b.xd + D;
     float *after_xs = b.xs + (int4 ? D / gs : 0);
     b.aq = (int8_t *)after_xs;
     b.av = after_xs + (q8 ? (int64_t)n * Ig / 4 : 0);
-    b.as = q8 ? b.av + (int64_t)n * Ig / 32 : after_xs;
+    b.as = q8 ? b.av + (int64_t)n * Ig / 64 : after_xs;
     return b;
 }
 
 /* The inputs' side of int4 dots, serially (D values: microseconds): kind 3 deinterleaves x (even k,
- * then odd k) and sums each group; kind 4 also quantizes it per block of 32 (group g's even inputs
- * x[g gs + 2t] and odd ones x[g gs + 2t + 1], 32 t a block) and sums the dequantized values. Other
- * kinds read x as it is. */
+ * then odd k) and sums each group; kind 4 also quantizes it per chunk of 64 inputs (chunk c: x[64c ..
+ * 64c + 63], its even inputs to xq[32c], its odd ones to xq[D/2 + 32c]) and sums the dequantized
+ * values per group. Other kinds read x as it is. */
 static void prepare_inputs(int kind, const float *x, int D, int gs, work_t b) {
     if (kind == 4) {
         for (int g = 0; g < D / gs; g++) {
             float sum = 0.f;
-            for (int bb = 0; bb < gs / 2; bb += 32)
-                for (int p = 0; p < 2; p++) {
-                    const int pos = p * (D / 2) + g * (gs / 2) + bb;
-                    int32_t qs;
-                    const float d = quant32(x + g * gs + 2 * bb + p, 2, b.xq + pos, &qs);
-                    b.xv[pos >> 5] = d;
-                    sum += d * (float)qs;
-                }
+            for (int c = g * (gs / 64); c < (g + 1) * (gs / 64); c++) {
+                int32_t qs;
+                const float d = quant64(x + 64 * c, x + 64 * c + 1, 2, b.xq + 32 * c, b.xq + D / 2 + 32 * c, &qs);
+                b.xv[c] = d;
+                sum += d * (float)qs;
+            }
             b.xs[g] = sum;
         }
     } else if (kind == 3) {
@@ -496,22 +524,21 @@ static void swiglu_team(const char *arena, int kind, int64_t row_bytes, int64_t 
     }
     team_barrier(bar, nth);
     PHASE_DONE(1);
-    /* phase 1b (int4): as[i, g] = sum of group g of unit i's act (kind 4: quantized per block, as x) */
+    /* phase 1b (int4): as[i, g] = sum of group g of unit i's act (kind 4: quantized per chunk, as x) */
     if (int4) {
         const int G = Ig / gs, gb = gs / 2;
 #pragma omp for schedule(runtime) nowait
         for (int64_t t = 0; t < (int64_t)n * G; t++) {
             const int64_t i = t / G, g = t % G;
             float sum = 0.f;
-            if (q8) { /* gb/32 blocks in each half of unit i's deinterleaved act */
-                for (int bb = 0; bb < gb; bb += 32)
-                    for (int p = 0; p < 2; p++) {
-                        const int64_t pos = i * Ig + p * (Ig / 2) + g * gb + bb;
-                        int32_t qs;
-                        const float d = quant32(act + pos, 1, aq + pos, &qs);
-                        av[pos >> 5] = d;
-                        sum += d * (float)qs;
-                    }
+            if (q8) { /* the group's chunks: 32 inputs from each half of unit i's deinterleaved act */
+                for (int64_t c = g * (gs / 64); c < (g + 1) * (gs / 64); c++) {
+                    const int64_t e = i * Ig + 32 * c, o = e + Ig / 2;
+                    int32_t qs;
+                    const float d = quant64(act + e, act + o, 1, aq + e, aq + o, &qs);
+                    av[i * (Ig / 64) + c] = d;
+                    sum += d * (float)qs;
+                }
             } else {
                 const float *a = act + i * Ig + g * gb;
                 for (int k = 0; k < gb; k++) sum += a[k] + a[Ig / 2 + k];
@@ -532,7 +559,7 @@ static void swiglu_team(const char *arena, int kind, int64_t row_bytes, int64_t 
                 const int64_t G = Ig / gs;
                 const uint8_t *q = (const uint8_t *)(row + off2) + (int64_t)d * (Ig / 2);
                 const uint16_t *s = (const uint16_t *)(row + off_s2) + d * G, *m = (const uint16_t *)(row + off_m2) + d * G;
-                p = q8 ? dot_i4q(q, s, m, aq + (int64_t)i * Ig, av + (int64_t)i * Ig / 32, as + i * G, Ig, gs)
+                p = q8 ? dot_i4q(q, s, m, aq + (int64_t)i * Ig, av + (int64_t)i * (Ig / 64), as + i * G, Ig, gs)
                        : dot_i4(q, s, m, act + (int64_t)i * Ig, as + i * G, Ig, gs);
             } else {
                 p = dot_any(row + off2, kind, (int64_t)d * Ig, act + (int64_t)i * Ig, Ig);

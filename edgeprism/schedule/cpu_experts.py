@@ -164,8 +164,8 @@ INT4_ACTS = ("int8", "fp32")
 
 
 def int4_activations(value: str | None = None) -> str:
-    """How the native kernel feeds int4 rows: ``int8`` (default) quantizes each dot's inputs per block
-    of 32 to int8 and runs integer dots (llama.cpp's Q8 trick: the CPU reads int4 rows at memory
+    """How the native kernel feeds int4 rows: ``int8`` (default) quantizes each dot's inputs per chunk
+    of 64 to int8 and runs integer dots (llama.cpp's Q8 trick: the CPU reads int4 rows at memory
     speed instead of converting every nibble to float); ``fp32`` keeps the inputs exact. `value`, else
     `EDGEPRISM_CPU_INT4_ACT`, else int8."""
     value = value or os.environ.get("EDGEPRISM_CPU_INT4_ACT") or "int8"
