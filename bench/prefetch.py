@@ -101,13 +101,15 @@ def timeline_summary(trace_path: Path) -> dict[str, float]:
 
 
 def timeline(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from bench.decode import GEOMETRIES
+    from bench.decode import GEOMETRIES, set_routing
 
     cfg = dict(GEOMETRIES[args.geometry], num_hidden_layers=args.layers)
     source = MemoryCheckpoint(cfg, seed=0)
     out = []
     for prefetch in (True, False):
-        engine = edgeprism.load(source, vram_gb=args.vram_gb, dtype="bf16", max_context=1024, prefetch=prefetch)
+        engine = edgeprism.load(source, vram_gb=args.vram_gb, dtype="bf16", max_context=1024, prefetch=prefetch,
+                                expert_dtype=args.expert_dtype, cache_fraction=args.cache_fraction)
+        set_routing(engine, args.routing)
         ids = torch.randint(0, cfg["vocab_size"], (64,), generator=torch.Generator().manual_seed(1)).tolist()
         it = engine.stream_ids(ids, max_new_tokens=1000, temperature=1.0, seed=0)
         for _ in range(args.warmup):
@@ -159,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--vram-gb", type=float, default=8)
     t.add_argument("--steps", type=int, default=16)
     t.add_argument("--warmup", type=int, default=8)
+    t.add_argument("--routing", default="model", choices=["model", "uniform", "token"], help="as bench/decode.py's")
+    t.add_argument("--expert-dtype", default=None)
+    t.add_argument("--cache-fraction", type=float, default=None)
     for sp in (r, t):
         sp.add_argument("--out", default=None, help="write the JSON here")
     args = p.parse_args(argv)

@@ -25,3 +25,19 @@ def test_quick_bench_writes_complete_records(tmp_path):
     ours = [r for r in records if r["system"] == "edgeprism"]
     assert all(0 <= r["hit_rate"] <= 1 for r in ours)
     assert any(r["bytes_per_token"] > 0 for r in ours)  # the quick budgets are below the experts' size
+
+
+def test_token_routing_is_predictable_where_uniform_routing_is_not(tmp_path):
+    """routing="token" (the model's own routers, led by the current token's scaled embedding): the
+    next-layer predictor foresees it; uniform routing it cannot. Measured on the tiny geometry: recall
+    0.99 against 0.09."""
+    recall = {}
+    for routing in ("token", "uniform"):
+        out = tmp_path / routing
+        assert decode.main(["--geometry", "tiny", "--budgets", "0.08", "--cache-fraction", "0.3", "--tokens", "24",
+                            "--warmup", "4", "--prompt-len", "32", "--context", "128", "--routing", routing,
+                            "--systems", "edgeprism", "--device", "cpu", "--out", str(out)]) == 0
+        (rec,) = json.loads((out / "results.json").read_text())
+        assert rec["routing"] == routing and rec["prefetch"] and rec["lookahead"] == 1
+        recall[routing] = rec["prefetch_recall"]
+    assert recall["token"] > 0.8 and recall["uniform"] < 0.4, recall
