@@ -195,6 +195,19 @@ def cache_share(layers: int, vram_gb: float, expert_dtype: str, context: int) ->
     return plan.cache_share
 
 
+def loop_estimate(rec: dict[str, Any], layers: int, target: int = 48) -> float | None:
+    """tokens/s of a `target`-layer model from a `layers`-layer CPU-share run: the share's loop spans
+    the layers (its busy plus waiting seconds), the rest of a token (lm_head, sampling, the host's
+    loop) does not grow with layers, so time(target) = loop · target / layers + the rest. None for a
+    run without the CPU share. Plain tokens/s · layers / target charges the rest target/layers times."""
+    loop = (rec.get("cpu_share_busy_s") or 0.0) + (rec.get("cpu_share_wait_s") or 0.0)
+    if not loop or not rec.get("tokens_per_s"):
+        return None
+    per_token, loop_per_token = 1.0 / rec["tokens_per_s"], loop / rec["tokens"]
+    rest = max(0.0, per_token - loop_per_token)
+    return 1.0 / (loop_per_token * target / layers + rest)
+
+
 def decode_sweep(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     records = []
     for expert_dtype in args.expert_dtypes:
@@ -211,7 +224,8 @@ def decode_sweep(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
             decode.main(argv)
             for rec in json.loads((sub / "results.json").read_text()):
                 rec.update(part="decode", cache_share_48_layers=share,
-                           tokens_per_s_48_layers_est=rec["tokens_per_s"] * args.layers / 48)
+                           tokens_per_s_48_layers_est=rec["tokens_per_s"] * args.layers / 48,
+                           tokens_per_s_48_layers_loop=loop_estimate(rec, args.layers))
                 records.append(rec)
     return records
 

@@ -41,3 +41,14 @@ def test_token_routing_is_predictable_where_uniform_routing_is_not(tmp_path):
         assert rec["routing"] == routing and rec["prefetch"] and rec["lookahead"] == 1
         recall[routing] = rec["prefetch_recall"]
     assert recall["token"] > 0.8 and recall["uniform"] < 0.4, recall
+
+
+def test_the_48_layer_estimate_scales_the_cpu_shares_loop_only():
+    """quant_kernels.loop_estimate: 12 layers whose CPU-share loop took 3 ms of a 4 ms token → 48
+    layers take 4 · 3 + 1 = 13 ms (tokens/s ÷ 4 would say 16 ms); no CPU share, no estimate."""
+    from bench.quant_kernels import loop_estimate
+
+    rec = {"tokens_per_s": 250.0, "tokens": 100, "cpu_share_busy_s": 0.2, "cpu_share_wait_s": 0.1}
+    assert abs(loop_estimate(rec, 12) - 1 / 0.013) < 1e-6
+    assert abs(loop_estimate(rec, 48) - 250.0) < 1e-6  # at its own layer count: what was measured
+    assert loop_estimate({"tokens_per_s": 250.0, "tokens": 100}, 12) is None
