@@ -26,12 +26,17 @@ case "${1:?sched|batched|int4|prefetch|direct|share|tests}" in
     python3 bench/batched.py --geometry qwen3-30b-a3b --layers 12 --budget 8 --batches 1 2 4 8 --out "$OUT/batched"
     python3 bench/batched.py --geometry qwen3-30b-a3b --layers 12 --budget 8 --latency-ms 150 --out "$OUT/batched-latency" ;;
   int4)
-    python3 bench/quant_kernels.py decode --layers 12 --budgets 4 8 --out "$OUT/quant" ;;
+    python3 bench/quant_kernels.py decode --layers 12 --budgets 4 8 --out "$OUT/quant"
+    # issue 9's target measured on all 48 layers (loads in ~1 min on a fast host; slow hosts took > 7 min)
+    python3 bench/decode.py --geometry qwen3-30b-a3b --layers 48 --budgets 8 --expert-dtype int4 --routing uniform \
+      --prompt-len 64 --tokens 128 --warmup 32 --systems edgeprism-direct-cpu,edgeprism-direct-cpu0.5 --out "$OUT/int4-48" ;;
   prefetch)
-    for r in model uniform; do
+    for r in model uniform token; do
       python3 bench/decode.py $G --budgets 8 --routing $r --out "$OUT/prefetch-$r" --systems edgeprism,edgeprism-noprefetch
     done
-    python3 bench/prefetch.py timeline --out "$OUT/timeline.json" ;;
+    python3 bench/decode.py $G --budgets 8 --routing token --expert-dtype int4 --cache-fraction 0.299 \
+      --out "$OUT/prefetch-token-int4" --systems edgeprism,edgeprism-noprefetch
+    python3 bench/prefetch.py timeline --routing token --expert-dtype int4 --cache-fraction 0.299 --out "$OUT/timeline.json" ;;
   direct)
     # zero-copy decode: latency mode (not yet measured), and the scheduler with the exploration probe
     python3 bench/decode.py $G --warmup 24 --tokens 48 --budgets 4 8 --routing uniform --out "$OUT/direct-latency" \
