@@ -233,7 +233,8 @@ def run_edgeprism(source: Any, budget: float | None, args: argparse.Namespace, s
 
 SCHED_KEYS = ("units_hit", "units_wait", "units_fetch", "units_cpu", "units_drop", "cpu_calls", "cpu_probes", "cpu_bytes",
               "cpu_s", "cpu_gbps", "mass_kept", "cpu_share", "cpu_share_units", "cpu_share_bytes", "cpu_share_busy_s",
-              "cpu_share_gbps", "cpu_share_gpu_waits", "cpu_share_wait_s", "cpu_share_phase_s", "units_admitted")
+              "cpu_share_gbps", "cpu_share_gpu_waits", "cpu_share_wait_s", "cpu_share_phase_s", "cpu_share_path",
+              "units_admitted")
 SCHED_SYSTEMS = {  # system -> (load options, generation options)
     "edgeprism-fetch": ({"schedule": "fetch"}, {}),
     "edgeprism-cpu": ({"schedule": "cpu"}, {}),

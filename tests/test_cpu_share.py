@@ -132,6 +132,35 @@ def test_adaptive_share_climbs_towards_faster_steps(checkpoints):
     eng.close()
 
 
+def test_adaptive_share_judges_a_window_by_its_mean_without_the_slowest_step(checkpoints):
+    """A share whose median step is faster but whose steps are often slow loses to a steady one (the
+    search minimises the mean step, i.e. maximises throughput); one pause in a window does not
+    decide; the path of measured shares is reported and reset with the stats."""
+    from edgeprism.schedule import cpu_share as cs
+
+    assert cs.ADAPT_WINDOW == 8
+    eng = load_cpu(checkpoints["olmoe"], schedule="direct", cache_fraction=0.25, cpu_share=True)
+    share = eng.experts.direct.cpu_share
+
+    def window(times):
+        for t in times:
+            share.observe_step(t)
+
+    window([1.0] * 8)  # 0.5: steady at 1.0
+    assert share.frac_value == pytest.approx(0.6)
+    window([0.9] * 5 + [1.6] * 3)  # 0.6: median 0.9, but 3 of 8 steps slow: mean 1.16 without the slowest
+    assert share.frac_value == pytest.approx(0.5)  # 0.6 was slower: back to 0.5
+    window([1.0] * 7 + [2.9])  # one pause (under the 3x cut) is dropped with the slowest step
+    assert share._seen[0.5][0] == pytest.approx(1.0)
+    assert share.frac_value == pytest.approx(0.4)  # 0.4 not measured yet: measured next
+    window([1.05] * 8)  # 0.4: slower than 0.5
+    assert share.frac_value == pytest.approx(0.5)  # back to the steady best
+    assert share.summary(1)["cpu_share_path"] == [0.5, 0.6, 0.5, 0.4]
+    share.reset_stats()
+    assert share.summary(1)["cpu_share_path"] == []
+    eng.close()
+
+
 def test_adaptive_share_decodes_the_same_tokens_at_every_frac(checkpoints, direct_ref):
     """Across the climb the step switches between graphs with and without the share (frac 0)."""
     from edgeprism.schedule import cpu_share as cs
