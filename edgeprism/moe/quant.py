@@ -22,6 +22,7 @@ Error bounds (per weight, `tests/test_quant.py`): int8 |w − ŵ| ≤ max|w_row|
 
 from __future__ import annotations
 
+import abc
 import functools
 import logging
 from dataclasses import dataclass
@@ -64,7 +65,7 @@ class QuantParts:
 Parts = DenseParts | QuantParts
 
 
-class UnitFormat:
+class UnitFormat(abc.ABC):
     """Base of the unit formats; `make_format` picks one. `dim`/`group_inter` are D and Ig."""
 
     name: str
@@ -87,17 +88,17 @@ class UnitFormat:
         """Bytes of the same unit in the compute dtype (what the format saves against)."""
         return unit_numel(self.dim, self.group_inter) * torch.empty((), dtype=self.compute_dtype).element_size()
 
+    @abc.abstractmethod
     def pack(self, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
         """w1, w3: [Ig, D]; w2: [D, Ig] (any float dtype, any device) -> one row [row_numel]."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def parts(self, pool: torch.Tensor) -> Parts:
         """Views of a pool or arena [S, row_numel] as the units' tensors (no copy)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def dequantize(self, parts: Parts, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The units at `slots` [A] in the compute dtype: w13 [A, 2Ig, D], w2 [A, D, Ig] (reference)."""
-        raise NotImplementedError
 
     def grouped(self, x: torch.Tensor, parts: Parts, slots: torch.Tensor, tokens: torch.Tensor,
                 weights: torch.Tensor) -> torch.Tensor:
@@ -202,12 +203,13 @@ class _QuantFormat(UnitFormat):
             offset = _align(offset + shape[0] * shape[1] * torch.empty((), dtype=dtype).element_size())
         self.row_numel = offset
 
+    @abc.abstractmethod
     def _part_specs(self) -> list[tuple[str, torch.dtype, tuple[int, int]]]:
-        raise NotImplementedError
+        """(name, dtype, shape) of each part of a row, in row order."""
 
+    @abc.abstractmethod
     def _quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         """w [N, K] -> {"q": ..., "s": ..., "m": ...} for one matrix."""
-        raise NotImplementedError
 
     def pack(self, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
         row = torch.zeros(self.row_numel, dtype=torch.uint8, device=w1.device)
