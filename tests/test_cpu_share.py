@@ -158,6 +158,9 @@ def test_adaptive_share_judges_a_window_by_its_mean_without_the_slowest_step(che
     assert share.summary(1)["cpu_share_path"] == [0.5, 0.6, 0.5, 0.4]
     share.reset_stats()
     assert share.summary(1)["cpu_share_path"] == []
+    for _ in range(cs.PATH_WINDOWS + 3):  # a long-lived engine keeps only the latest windows
+        window([1.0] * 8)
+    assert len(share.summary(1)["cpu_share_path"]) == cs.PATH_WINDOWS
     eng.close()
 
 

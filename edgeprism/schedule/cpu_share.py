@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -53,6 +54,8 @@ ADAPT_STEP = 0.1  # how far `frac` moves per window in adaptive mode
 ADAPT_WINDOW = 8  # decode steps per measurement window
 ADAPT_TOLERANCE = 0.02  # a neighbour must be this much faster to move there (noise below it)
 ADAPT_STALE = 12  # windows after which a share's measured step time is measured again
+PATH_WINDOWS = 256  # `cpu_share_path` keeps the shares of this many latest windows (a long-lived engine's
+# stats stay small)
 # the CPU compute of a layer, barrier to barrier (_swiglu_rows.c): the units' rows and the inputs
 # (deinterleaved or quantized x, int4), the gate/up rows, the activations' sums or quantization
 # (int4), the down rows with the sum over units; `summary()["cpu_share_phase_s"]` reports each one's
@@ -120,7 +123,7 @@ class CpuShare:
         self.busy_s = self.wait_s = 0.0  # the loops' time computing, and waiting for the GPU's flags
         self.phase_s = [0.0] * len(PHASES)  # the computing, by phase
         self.gpu_waits = 0  # layers whose merge waited for the CPU
-        self.path: list[float] = []  # adaptive mode: the share of each measured window, in order
+        self.path: deque[float] = deque(maxlen=PATH_WINDOWS)  # adaptive mode: each window's share, in order
 
     # ----- inside the graph -----
 
@@ -294,7 +297,7 @@ class CpuShare:
                 "cpu_share_phase_s": dict(zip(PHASES, self.phase_s, strict=True))}
 
     def reset_stats(self) -> None:
-        self.path = []
+        self.path.clear()
         self.units = self.runs = self.gpu_waits = 0
         self.busy_s = self.wait_s = 0.0
         self.phase_s = [0.0] * len(PHASES)
