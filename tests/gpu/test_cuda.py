@@ -71,3 +71,29 @@ def test_peak_vram_within_budget(checkpoints):
     eng.generate_ids(IDS * 10, max_new_tokens=16)
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30
     assert peak <= 0.08, peak
+
+
+def test_pinned_arenas_are_views_into_power_of_two_blocks():
+    """On a GPU the host store pins blocks of `plan_blocks`' power-of-two sizes (torch's pinned
+    allocator rounds any other request up to one) and carves the arenas out of them: every arena is
+    pinned, fills and copies to the device intact, and the blocks add up to the plan, not to one
+    power of two per layer."""
+    from edgeprism.cache.host_store import HostStore, plan_blocks
+
+    layers, E, D, inter = list(range(6)), 24, 256, 256  # arenas of 18 MiB: 32 MiB each if pinned alone
+    store = HostStore(layers, E, 1, D, inter, torch.float32, pin=True)
+    assert store.pinned
+    blocks = {}
+    for layer in layers:
+        a = store.arenas[layer]
+        assert a.is_pinned()
+        blocks[a.untyped_storage().data_ptr()] = a.untyped_storage().nbytes()
+    plan = plan_blocks(E * store.unit_bytes, len(layers))
+    assert sorted(blocks.values()) == sorted(size for size, _ in plan)
+    assert sum(blocks.values()) < len(layers) * (1 << (E * store.unit_bytes - 1).bit_length())
+    g = torch.Generator().manual_seed(0)
+    w = [torch.randn(inter, D, generator=g), torch.randn(inter, D, generator=g), torch.randn(D, inter, generator=g)]
+    store.fill_expert(5, 3, *w)
+    on_gpu = store.units(5, 3, 1).to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(on_gpu.cpu()[0], store.format.pack(*w))
