@@ -100,10 +100,13 @@ class HostStore:
                 blocks = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for size, _ in plan]
                 self.pinned = True
             except RuntimeError as e:
-                blocks = None  # what was pinned is freed before the pageable blocks are taken
                 log.warning("pinning %.2f GiB failed (%s); using pageable memory: host→device copies will be "
                             "3–5x slower", sum(size for size, _ in plan) / 2**30, e)
         if blocks is None:
+            # the blocks pinned before the failure sit in torch's pinned cache once freed: give them back
+            empty_pinned_cache = getattr(torch._C, "_host_emptyCache", None)
+            if pin and torch.cuda.is_available() and empty_pinned_cache is not None:
+                empty_pinned_cache()
             blocks = [torch.empty(n * stride, dtype=torch.uint8) for _, n in plan]
             self.pinned = False
         layers, arenas = iter(self.layers), {}
