@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgeprism.cache.host_store import ARENA_ALIGN, HostStore, plan_blocks
+from edgeprism.cache.host_store import ARENA_ALIGN, HostStore, arena_stride, plan_blocks
 
 MiB = 2**20
 
@@ -21,7 +21,8 @@ MiB = 2**20
 ])
 def test_plan_blocks_holds_every_arena_in_power_of_two_blocks_with_little_waste(arena_bytes, count, most):
     plan = plan_blocks(arena_bytes, count)
-    stride = -(-arena_bytes // ARENA_ALIGN) * ARENA_ALIGN
+    stride = arena_stride(arena_bytes)
+    assert stride % ARENA_ALIGN == 0 and arena_bytes <= stride < arena_bytes + ARENA_ALIGN
     assert sum(n for _, n in plan) == count
     for block, n in plan:
         assert n >= 1 and block & (block - 1) == 0 and n * stride <= block
@@ -49,14 +50,14 @@ def test_arenas_are_aligned_disjoint_views_that_keep_their_rows(dtype, fmt):
         spans.append((a.data_ptr(), a.data_ptr() + a.numel() * a.element_size()))
     spans.sort()
     assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
-    stride = -(-E * G * store.unit_bytes // ARENA_ALIGN) * ARENA_ALIGN
+    stride = arena_stride(E * G * store.unit_bytes)
     for layer in layers:  # each arena sits a whole number of strides into its block (its storage)
         a = store.arenas[layer]
         assert (a.data_ptr() - a.untyped_storage().data_ptr()) % stride == 0
     g = torch.Generator().manual_seed(0)
     for layer in layers:
         for e in range(E):
-            w = [torch.randn(inter, D, generator=g), torch.randn(inter, D, generator=g), torch.randn(D, inter, generator=g)]
+            w = [torch.randn(*shape, generator=g) for shape in ((inter, D), (inter, D), (D, inter))]
             store.fill_expert(layer, e, *w)
             expected = store.format.pack(w[0][:inter // G], w[1][:inter // G], w[2][:, :inter // G])
             torch.testing.assert_close(store.arenas[layer][e * G], expected, rtol=0, atol=0)

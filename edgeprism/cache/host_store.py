@@ -31,11 +31,16 @@ BLOCK_SPAN = 5  # block sizes tried: the smallest power of two that holds one ar
 MAX_BLOCK = 2**35  # no block above 32 GiB (unless one arena needs it)
 
 
+def arena_stride(arena_bytes: int) -> int:
+    """Bytes from one arena's start to the next one's in a block: its size rounded up to ARENA_ALIGN."""
+    return -(-arena_bytes // ARENA_ALIGN) * ARENA_ALIGN
+
+
 def plan_blocks(arena_bytes: int, count: int) -> list[tuple[int, int]]:
     """How to lay out `count` arenas of `arena_bytes` each (rounded up to ARENA_ALIGN) in blocks of
     power-of-two sizes: a list of (block bytes, arenas in it), in order. Each step takes the block
     that wastes the smallest fraction of itself on what is left (ties: the smaller block)."""
-    stride = -(-arena_bytes // ARENA_ALIGN) * ARENA_ALIGN
+    stride = arena_stride(arena_bytes)
     smallest = 1 << max(0, (stride - 1).bit_length())
     plan, left = [], count
     while left:
@@ -92,7 +97,7 @@ class HostStore:
         layer falls back to pageable memory), else pageable blocks of just the bytes they hold."""
         rows = self.num_experts * self.groups
         arena_bytes = rows * self.unit_bytes
-        stride = -(-arena_bytes // ARENA_ALIGN) * ARENA_ALIGN
+        stride = arena_stride(arena_bytes)
         plan = plan_blocks(arena_bytes, len(self.layers))
         blocks = None
         if pin and torch.cuda.is_available():

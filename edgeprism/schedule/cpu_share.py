@@ -54,8 +54,7 @@ ADAPT_STEP = 0.1  # how far `frac` moves per window in adaptive mode
 ADAPT_WINDOW = 8  # decode steps per measurement window
 ADAPT_TOLERANCE = 0.02  # a neighbour must be this much faster to move there (noise below it)
 ADAPT_STALE = 12  # windows after which a share's measured step time is measured again
-PATH_WINDOWS = 256  # `cpu_share_path` keeps the shares of this many latest windows (a long-lived engine's
-# stats stay small)
+PATH_WINDOWS = 256  # `cpu_share_path` keeps the latest windows' shares (a long-lived engine's stats stay small)
 # the CPU compute of a layer, barrier to barrier (_swiglu_rows.c): the units' rows and the inputs
 # (deinterleaved or quantized x, int4), the gate/up rows, the activations' sums or quantization
 # (int4), the down rows with the sum over units; `summary()["cpu_share_phase_s"]` reports each one's
