@@ -199,6 +199,10 @@ def run_edgeprism(source: Any, budget: float | None, args: argparse.Namespace, s
     load_s = time.perf_counter() - t0
     if getattr(args, "prefetch_idle_after", None) is not None and hasattr(engine.decode_step, "idle_after"):
         engine.decode_step.idle_after = args.prefetch_idle_after
+    if getattr(args, "prefetch_budget", "hide") == "off" and hasattr(engine.decode_step, "copy_unit_s"):
+        engine.decode_step.copy_unit_s = None  # no time budget: every predicted missing unit is copied
+    if getattr(args, "prefetch_min_precision", None) is not None:
+        engine.fetch.min_precision = args.prefetch_min_precision
     engine.cache.time_copies = True
     copies = engine.fetch.engine
     if hasattr(copies, "timed"):
@@ -218,6 +222,9 @@ def run_edgeprism(source: Any, budget: float | None, args: argparse.Namespace, s
                prefetch_bytes_wasted_per_token=s["prefetch_bytes_wasted"] / rec["tokens"],
                prefetch_units=s["prefetch_units"], prefetch_paused=s["prefetch_paused"],
                prefetch_idle_skips=s["prefetch_idle_skips"],
+               **({"prefetch_budget": getattr(args, "prefetch_budget", "hide"),
+                   "prefetch_idle_after": getattr(engine.decode_step, "idle_after", None),
+                   "prefetch_min_precision": engine.fetch.min_precision} if s["prefetch"] else {}),
                schedule=s["schedule"], zero_copy_bytes_per_token=s["zero_copy_bytes"] / rec["tokens"], **(gen or {}),
                **({"keep_floor": table.keep_for_quality(gen["quality"]), "profile": str(args.profile)} if table else {}),
                **{k: s[k] for k in SCHED_KEYS if k in s})
@@ -362,6 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--prefetch-idle-after", type=int, default=None,
                    help="predictions that copied nothing before a layer's prediction idles (runtime/layerwise.py)")
+    p.add_argument("--prefetch-budget", default="hide", choices=["hide", "off"],
+                   help="hide: a prefetch copies what hides behind the layers until its target (the default); off: no limit")
+    p.add_argument("--prefetch-min-precision", type=float, default=None,
+                   help="copy precision under which a layer's prefetches pause (prefetch/prefetcher.py)")
     p.add_argument("--lookahead", type=int, default=1, help="system edgeprism: layers its prefetch predicts ahead")
     p.add_argument("--accelerate-tokens", type=int, default=3)
     p.add_argument("--prompt-len", type=int, default=512)

@@ -10,6 +10,8 @@ it in kernels that each move a few KB. These kernels replace chains of them with
   softmax and the value sum, split over the cached positions (flash-decoding) and combined by a second
   launch: two launches instead of ~8.
 - `route`: softmax, top-k and the renormalisation of the router's logits: one launch instead of ~8.
+- `lookup` and `drop_misses`: zero-copy decode's map lookup (one launch instead of four) and its
+  in-graph quality floor (one instead of ~15, which cost ~4 µs each on the serial path of every layer).
 
 Rounding follows the reference ops where it is cheap to (bf16 results of each elementwise op, bf16
 attention scores); sums run in a different order, so results equal the torch path within bf16
@@ -210,6 +212,28 @@ def _lookup_kernel(ids_ptr, map_ptr, rows_ptr, slots_ptr, unit_rows_ptr, hit_ptr
     tl.store(log_ptr + a // G, e, mask=ok & (g == 0))
 
 
+@triton.jit
+def _drop_misses_kernel(slots_ptr, w_ptr, floor_ptr, out_ptr, stats_ptr, N, NP: tl.constexpr):
+    # unit i is dropped when it is a miss (slot < 0) and the misses ranked up to it (ascending weight,
+    # lower index first on ties: a stable sort) hold at most (1 - floor) of the routed mass
+    i = tl.arange(0, NP)
+    ok = i < N
+    w_raw = tl.load(w_ptr + i, mask=ok, other=0.0)
+    w = w_raw.to(tl.float32)
+    miss = ok & (tl.load(slots_ptr + i, mask=ok, other=0) < 0)
+    total = tl.sum(w, axis=0)
+    budget = (1.0 - tl.load(floor_ptr)) * total
+    wj = tl.load(w_ptr + i[None, :], mask=ok[None, :], other=0.0).to(tl.float32)  # [1, NP]
+    mj = ok[None, :] & (tl.load(slots_ptr + i[None, :], mask=ok[None, :], other=0) < 0)
+    first = mj & ((wj < w[:, None]) | ((wj == w[:, None]) & (i[None, :] <= i[:, None])))  # [NP, NP]
+    prefix = tl.sum(tl.where(first, wj, 0.0), axis=1)  # missed mass ranked up to and including unit i
+    drop = miss & (prefix <= budget)
+    tl.store(out_ptr + i, tl.where(drop, 0.0, w_raw).to(w_raw.dtype), mask=ok)
+    tl.store(stats_ptr, tl.sum(drop.to(tl.float32), axis=0))
+    tl.store(stats_ptr + 1, tl.sum(tl.where(drop, 0.0, w), axis=0))
+    tl.store(stats_ptr + 2, total)
+
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _DT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 CHUNK = 64  # positions per attention program (the graphs' attention-length bucket, 256, is a multiple)
@@ -281,6 +305,16 @@ def lookup(ids: torch.Tensor, layer_map: torch.Tensor, rows: torch.Tensor, hit_l
     _lookup_kernel[(1,)](ids.reshape(-1), layer_map, rows, slots, unit_rows, hit_log.view(torch.int8), route_log,
                          n, G=G, NP=triton.next_power_of_2(n), num_warps=1)
     return slots, unit_rows
+
+
+def drop_misses(slots: torch.Tensor, weights: torch.Tensor, floor: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    """`weights` [A] with the lowest-weighted misses (slot < 0) zeroed while the dropped mass stays within
+    (1 − floor) × the routed mass (`cache/direct.py: DirectCache.drop_misses`); writes stats [3] (fp32:
+    units dropped, mass kept, mass routed). One launch instead of ~15."""
+    n = weights.numel()
+    kept = torch.empty_like(weights)
+    _drop_misses_kernel[(1,)](slots, weights, floor, kept, stats, n, NP=max(16, triton.next_power_of_2(n)), num_warps=1)
+    return kept
 
 
 def add_rms_norm(x: torch.Tensor, res: torch.Tensor | None, weight: torch.Tensor,

@@ -175,6 +175,33 @@ def test_lookup_equals_the_map_gather():
     assert torch.equal(hit, slots >= 0) and torch.equal(log, ids[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, BF])
+def test_drop_misses_equals_the_torch_ops(monkeypatch, dtype):
+    """The fused quality floor drops exactly what DirectCache.drop_misses' torch ops drop (a stable
+    ascending order of the misses' weights), keeps the other weights bit for bit and writes the same
+    stats; weights are multiples of 1/64, so both sums are exact and ties (units of one expert share
+    its weight) are common."""
+    from types import SimpleNamespace
+
+    from edgeprism.cache.direct import DirectCache
+
+    g = torch.Generator().manual_seed(3)
+    for trial in range(40):
+        A = (1, 2, 8, 13, 32, 64)[trial % 6]
+        w = ((torch.randint(1, 12, (A,), generator=g).float() / 64).repeat_interleave(2)[:A]).to(dtype)
+        slots = torch.where(torch.rand(A, generator=g) < 0.4, torch.arange(A), torch.full((A,), -1))
+        floor = (1.0, 0.95, 0.8, 0.5, 0.0)[trial % 5]
+        got = SimpleNamespace(floor=torch.tensor(floor, device=DEV), layer_stats=torch.zeros(2, 3, device=DEV))
+        kept = DirectCache.drop_misses(got, 1, slots.to(DEV), w.to(DEV))
+        monkeypatch.setenv("EDGEPRISM_FUSED", "0")
+        ref = SimpleNamespace(floor=torch.tensor(floor), layer_stats=torch.zeros(2, 3))
+        want = DirectCache.drop_misses(ref, 1, slots, w)
+        monkeypatch.setenv("EDGEPRISM_FUSED", ON)
+        assert kept.dtype == dtype and torch.equal(kept.cpu(), want), (trial, kept, want)
+        assert torch.equal(got.layer_stats.cpu(), ref.layer_stats), trial
+        assert floor < 1 or not (kept == 0).any()
+
+
 def test_qkv_parameters_are_views_of_one_tensor(tiny_checkpoint):
     eng = edgeprism.load(tiny_checkpoint, device=DEV, dtype="bf16")
     attn = eng.model.layers[0].attn
