@@ -253,12 +253,10 @@ SCHED_SYSTEMS = {  # system -> (load options, generation options)
     # direct, with the CPU computing a share of each layer's misses inside the graph (schedule/cpu_share.py):
     # adapted to the machine, or a fixed fraction of the misses
     "edgeprism-direct-cpu": ({"schedule": "direct", "cpu_share": True}, {}),
-    "edgeprism-direct-cpu0.25": ({"schedule": "direct", "cpu_share": 0.25}, {}),
-    "edgeprism-direct-cpu0.5": ({"schedule": "direct", "cpu_share": 0.5}, {}),
-    "edgeprism-direct-cpu0.6": ({"schedule": "direct", "cpu_share": 0.6}, {}),
-    "edgeprism-direct-cpu0.7": ({"schedule": "direct", "cpu_share": 0.7}, {}),
-    "edgeprism-direct-cpu0.8": ({"schedule": "direct", "cpu_share": 0.8}, {}),
     "edgeprism-direct-cpu-q0.95": ({"schedule": "direct", "cpu_share": True}, {"quality": 0.95}),
+    # fixed fractions, exact and dropping (the best fixed share of each compares the two with no search noise)
+    **{f"edgeprism-direct-cpu{f}{q}": ({"schedule": "direct", "cpu_share": f}, gen)
+       for f in (0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0) for q, gen in (("", {}), ("-q0.95", {"quality": 0.95}))},
 }
 
 

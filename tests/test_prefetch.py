@@ -7,6 +7,7 @@ A prefetcher that forgot a wait would read stale slots and change the outputs.
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
@@ -41,6 +42,8 @@ class FakeCopies:
         self.rng, self.lazy = random.Random(seed), lazy
         self.queue: list[Pending] = []
         self.completed = self.waited = 0
+        self.steps = 0  # begin_step minus end_step calls (a decode step balances them)
+        self.begun = 0
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, after: list[Pending], reads: list) -> Pending:
         ticket = Pending(dst, src, after)
@@ -61,6 +64,16 @@ class FakeCopies:
 
     def reset_stall(self) -> None:
         pass
+
+    def begin_step(self) -> None:
+        self.steps += 1
+        self.begun += 1
+
+    def end_step(self) -> None:
+        self.steps -= 1
+
+    def issuing(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
 
     def flush(self) -> None:
         """Land every queued copy, latest first (the worst order the declared orderings allow)."""
@@ -127,6 +140,8 @@ def test_late_and_reordered_copies_change_nothing(checkpoints, reference, name, 
     assert eng.generate_ids(IDS, max_new_tokens=24) == tokens
     torch.testing.assert_close(eng.logits(IDS), logits, atol=1e-5, rtol=1e-5)  # groups=2 sums in another order
     assert fake.completed > 0 and fake.waited > 0
+    # 23 decode steps after the prefill's token; each let go of the compute stream it kept
+    assert fake.begun == 23 and fake.steps == 0
     assert eng.stats()["prefetch_units"] > 0
     eng.cache.table.check_invariants()
 

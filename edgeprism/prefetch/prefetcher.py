@@ -20,7 +20,8 @@ cache entry, and a unit the current layer uses is pinned, so no prefetch can evi
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -56,6 +57,17 @@ class CopyEngine(Protocol):
     def reset_stall(self) -> None:
         ...
 
+    def begin_step(self) -> None:
+        """A decode step starts: the compute stream may be looked up once and kept until `end_step`."""
+        ...
+
+    def end_step(self) -> None:
+        ...
+
+    def issuing(self) -> AbstractContextManager[Any]:
+        """Around a batch of `copy` calls (one switch to the copy stream for all of them)."""
+        ...
+
 
 class InlineCopies:
     """CPU (or no overlap wanted): every copy completes before `copy` returns; nothing to order."""
@@ -76,12 +88,27 @@ class InlineCopies:
     def reset_stall(self) -> None:
         pass
 
+    def begin_step(self) -> None:
+        pass
+
+    def end_step(self) -> None:
+        pass
+
+    def issuing(self) -> AbstractContextManager[Any]:
+        return nullcontext()
+
 
 class CudaCopies:
     """Copies on a dedicated `h2d` stream; tickets are CUDA events recorded after each copy.
 
     `wait` brackets the compute stream's event waits with timing events, so the time the compute
     stream sat idle for copies is measured on the GPU (resolved lazily, never blocking the host).
+
+    Host cost matters here: the layerwise decode step calls into this class several times per MoE
+    layer, and the host is that step's critical path (bench/results/2026-11-24-h100-tenth/). Looking
+    up the current stream (`torch.cuda.current_stream`) and entering a stream context each go through
+    several Python-level device lookups, so a decode step looks the compute stream up once
+    (`begin_step` … `end_step`) and a batch of copies switches to the copy stream once (`issuing`).
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -91,9 +118,33 @@ class CudaCopies:
         self._copy_marks: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._stall_marks: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._stall = 0.0
+        self._compute: torch.cuda.Stream | None = None  # the step's compute stream, between begin/end_step
+        self._on_h2d = False  # inside `issuing`: the copy stream is current
+
+    def begin_step(self) -> None:
+        self._compute = torch.cuda.current_stream(self.device)
+
+    def end_step(self) -> None:
+        self._compute = None
+
+    def compute(self) -> torch.cuda.Stream:
+        """The compute stream: the one kept for the running step, else the current one."""
+        return self._compute if self._compute is not None else torch.cuda.current_stream(self.device)
+
+    @contextmanager
+    def issuing(self) -> Iterator[None]:
+        if self._on_h2d:
+            yield
+            return
+        with torch.cuda.stream(self.h2d):
+            self._on_h2d = True
+            try:
+                yield
+            finally:
+                self._on_h2d = False
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Sequence[Ticket], reads: Sequence[Any]) -> Ticket:
-        with torch.cuda.stream(self.h2d):
+        with self.issuing():
             for mark in reads:
                 if mark is not None:
                     self.h2d.wait_event(mark)  # hazard 2: the slot's last reader has finished
@@ -113,13 +164,13 @@ class CudaCopies:
 
     def mark(self) -> Any:
         event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))
+        event.record(self.compute())
         return event
 
     def wait(self, tickets: Sequence[Ticket]) -> None:
         if not tickets:
             return
-        compute = torch.cuda.current_stream(self.device)
+        compute = self.compute()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record(compute)
         for ticket in tickets:
@@ -329,7 +380,20 @@ class Prefetcher:
         for key in placed - used:
             self.table.discard(key)
 
+    def begin_step(self) -> None:
+        """A decode step starts (its engine may keep the compute stream until `end_step`)."""
+        self.engine.begin_step()
+
+    def end_step(self) -> None:
+        self.engine.end_step()
+
     def _issue(self, fills: Sequence[tuple[SubExpertKey, int]]) -> None:
+        if not fills:
+            return
+        with self.engine.issuing():
+            self._issue_on_copy_stream(fills)
+
+    def _issue_on_copy_stream(self, fills: Sequence[tuple[SubExpertKey, int]]) -> None:
         for key, slot, count in coalesce(fills, self.store):
             after = [self._pending[s] for s in range(slot, slot + count) if s in self._pending]
             reads = list({id(m): m for s in range(slot, slot + count) if (m := self._read.pop(s, None)) is not None}.values())

@@ -105,6 +105,8 @@ class LayerwiseDecode:
         self.host_p = torch.zeros(self.cand_p.shape, dtype=torch.float32, pin_memory=pin)
         self.host_slots = torch.zeros(kG, dtype=torch.long, pin_memory=pin)
         self.host_rows = torch.zeros(kG, dtype=torch.long, pin_memory=pin)
+        # numpy views of the two: filled from a list with no tensor built per layer
+        self._slots_np, self._rows_np = self.host_slots.numpy(), self.host_rows.numpy()
         # the scheduler's buffers: per unit a 0/1 scale (0: computed on the CPU or dropped), the CPU
         # path's partial output added to the layer's, and the host copies of the routing it plans on
         self.unit_scale = torch.ones(kG, dtype=probe.dtype, device=dev)
@@ -115,6 +117,7 @@ class LayerwiseDecode:
         self.host_y = torch.zeros(1, dim, dtype=dtype, pin_memory=pin)
         self._extra_zero = True  # y_extra holds zeros (no CPU units in the layer last served)
         self.routed = torch.cuda.Event() if pin else None  # routing of the last segment is on the host
+        self.compute: torch.cuda.Stream | None = None  # the running step's stream (looked up once a token)
         self.predicted = torch.cuda.Event() if pin else None  # so are the predictor's candidates
 
     # ----- one token -----
@@ -125,6 +128,8 @@ class LayerwiseDecode:
         self.pos.fill_(pos)
         length = min(self.model.max_len, (pos // BUCKET + 1) * BUCKET)
         held: list[SubExpertKey] = []
+        self.fetch.begin_step()  # the copy engine keeps this step's compute stream (one lookup a token)
+        self.compute = torch.cuda.current_stream(self.device) if self.routed is not None else None
         try:
             for j in range(self.M + 1):
                 self._run(j, length)
@@ -137,6 +142,7 @@ class LayerwiseDecode:
         finally:
             if held:  # an error mid-token: leave no unit pinned
                 self.fetch.release(held)
+            self.fetch.end_step()
         return self.out
 
     def _serve_layer(self, j: int) -> list[SubExpertKey]:
@@ -150,7 +156,7 @@ class LayerwiseDecode:
             self.host_w.copy_(self.w_units[j % 2], non_blocking=True)
             self.host_xn.copy_(self.xn[j % 2], non_blocking=True)
         if self.routed is not None:
-            self.routed.record()
+            self.routed.record(self.compute)
         self._predict_now = self.predictor is not None and j + 1 < self.M and (  # the last layer has none ahead
             self._idle[j] < self.idle_after or self.experts.step % self.idle_probe == 0)
         if self._predict_now:
@@ -158,7 +164,7 @@ class LayerwiseDecode:
             self.host_cand.copy_(self.cand, non_blocking=True)
             self.host_p.copy_(self.cand_p, non_blocking=True)
             if self.predicted is not None:
-                self.predicted.record()
+                self.predicted.record(self.compute)
         if self.routed is not None:
             self.routed.synchronize()
         self._time_layer(j)
@@ -170,7 +176,7 @@ class LayerwiseDecode:
         slots = self.fetch.acquire(keys, step, layer)
         # The pinned staging buffer is rewritten only after the next routing read, which follows
         # (on the compute stream) the copy below, so the copy never sees a half-written buffer.
-        self.host_slots.copy_(torch.tensor(slots, dtype=torch.long))
+        self._slots_np[:] = slots
         self.slots.copy_(self.host_slots, non_blocking=True)
         self._prefetch_or_skip(j, experts, step, layer)
         return keys
@@ -227,9 +233,9 @@ class LayerwiseDecode:
             rows = [0] * n
             for i, row in direct:
                 host_slots[i], rows[i], scale[i] = -1, row, 1.0
-            self.host_rows.copy_(torch.tensor(rows, dtype=torch.long))
+            self._rows_np[:] = rows
             self.rows.copy_(self.host_rows, non_blocking=True)
-        self.host_slots.copy_(torch.tensor(host_slots, dtype=torch.long))
+        self._slots_np[:] = host_slots
         self.host_scale.copy_(torch.tensor(scale))
         self.slots.copy_(self.host_slots, non_blocking=True)
         self.unit_scale.copy_(self.host_scale, non_blocking=True)
