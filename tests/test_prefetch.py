@@ -68,6 +68,7 @@ class FakeCopies:
     def begin_step(self) -> None:
         self.steps += 1
         self.begun += 1
+        return None
 
     def end_step(self) -> None:
         self.steps -= 1

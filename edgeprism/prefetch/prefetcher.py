@@ -57,8 +57,9 @@ class CopyEngine(Protocol):
     def reset_stall(self) -> None:
         ...
 
-    def begin_step(self) -> None:
-        """A decode step starts: the compute stream may be looked up once and kept until `end_step`."""
+    def begin_step(self) -> Any:
+        """A decode step starts: the compute stream may be looked up once and kept until `end_step`;
+        returns it (None where there is none), for the step's own event records."""
         ...
 
     def end_step(self) -> None:
@@ -88,8 +89,8 @@ class InlineCopies:
     def reset_stall(self) -> None:
         pass
 
-    def begin_step(self) -> None:
-        pass
+    def begin_step(self) -> Any:
+        return None
 
     def end_step(self) -> None:
         pass
@@ -121,8 +122,9 @@ class CudaCopies:
         self._compute: torch.cuda.Stream | None = None  # the step's compute stream, between begin/end_step
         self._on_h2d = False  # inside `issuing`: the copy stream is current
 
-    def begin_step(self) -> None:
+    def begin_step(self) -> torch.cuda.Stream:
         self._compute = torch.cuda.current_stream(self.device)
+        return self._compute
 
     def end_step(self) -> None:
         self._compute = None
@@ -380,9 +382,10 @@ class Prefetcher:
         for key in placed - used:
             self.table.discard(key)
 
-    def begin_step(self) -> None:
-        """A decode step starts (its engine may keep the compute stream until `end_step`)."""
-        self.engine.begin_step()
+    def begin_step(self) -> Any:
+        """A decode step starts (its engine may keep the compute stream until `end_step`); the stream
+        kept, or None (then events record on the current stream)."""
+        return self.engine.begin_step()
 
     def end_step(self) -> None:
         self.engine.end_step()

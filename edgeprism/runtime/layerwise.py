@@ -128,8 +128,9 @@ class LayerwiseDecode:
         self.pos.fill_(pos)
         length = min(self.model.max_len, (pos // BUCKET + 1) * BUCKET)
         held: list[SubExpertKey] = []
-        self.fetch.begin_step()  # the copy engine keeps this step's compute stream (one lookup a token)
-        self.compute = torch.cuda.current_stream(self.device) if self.routed is not None else None
+        # the copy engine keeps this step's compute stream (one lookup a token); the routing and
+        # prediction events record on it too (None: on the current stream)
+        self.compute = self.fetch.begin_step()
         try:
             for j in range(self.M + 1):
                 self._run(j, length)
