@@ -256,7 +256,12 @@ def ceiling(args: argparse.Namespace) -> list[dict[str, Any]]:
         set_routing(engine, args.routing)
         step = engine.decode_step
         if not isinstance(step, LayerwiseDecode):
-            raise SystemExit(f"ceiling needs the layerwise step (a dynamic cache); got {type(step).__name__}")
+            reason = "every expert fits the budget" if engine.experts.slot_map is not None else type(step).__name__
+            print(f"{dtype}: skipped, no dynamic cache to prefetch into ({reason}); lower --cache-fraction",
+                  file=sys.stderr)
+            out.append({"expert_dtype": dtype, "skipped": reason})
+            engine.close()
+            continue
         step.__class__ = OracleDecode
         step.setup()
         copy_unit_s, idle_after = step.copy_unit_s, step.idle_after
