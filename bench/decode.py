@@ -250,6 +250,8 @@ SCHED_SYSTEMS = {  # system -> (load options, generation options)
     "edgeprism-hybrid-q0.95": ({"schedule": "hybrid"}, {"quality": 0.95}),
     "edgeprism-direct": ({"schedule": "direct"}, {}),  # misses read by the kernels from pinned host RAM
     "edgeprism-direct-q0.95": ({"schedule": "direct"}, {"quality": 0.95}),  # ... dropping low-weighted misses
+    "edgeprism-direct-prefetch": ({"schedule": "direct", "prefetch": True}, {}),  # ... next layer staged in-graph
+    "edgeprism-direct-cpu-prefetch": ({"schedule": "direct", "cpu_share": True, "prefetch": True}, {}),
     # direct, with the CPU computing a share of each layer's misses inside the graph (schedule/cpu_share.py):
     # adapted to the machine, or a fixed fraction of the misses
     "edgeprism-direct-cpu": ({"schedule": "direct", "cpu_share": True}, {}),

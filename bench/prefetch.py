@@ -240,84 +240,80 @@ CEILING_VARIANTS = {  # name: (prediction, copy budget on, idle rule on)
 }
 
 
-def ceiling(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Prefetch off / pre-gating / oracle in one engine per expert format, interleaved over rounds
-    (figures move ±10-25% between engines and machines, so they are compared inside one engine)."""
-    from bench.decode import GEOMETRIES, set_routing
+def _ceiling_decode(engine: Any, ids: list[int], args: argparse.Namespace, defaults: tuple[Any, int],
+                    mode: str, budget: bool, idle: bool, instrument: bool = False) -> dict[str, Any]:
+    """One decode of the recorded sequence in a variant; figures over `args.tokens` after the warm-up."""
+    step, copies = engine.decode_step, engine.fetch.engine
+    cuda = engine.device.type == "cuda"
+    copy_unit_s, idle_after = defaults
+    step.set_mode(mode)
+    step.copy_unit_s = copy_unit_s if budget else None
+    step.idle_after = idle_after if idle else 1 << 30
+    it = engine.stream_ids(ids, max_new_tokens=args.warmup + args.tokens + 1, temperature=1.0, seed=0)
+    for _ in range(args.warmup + 1):
+        next(it)
+    engine.reset_stats()
+    step.reset_counts()
+    step.instrument = instrument
+    if hasattr(copies, "timed"):
+        copies.timed = instrument
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args.tokens):
+        next(it)
+    if cuda:
+        torch.cuda.synchronize()
+    ms = (time.perf_counter() - t0) / args.tokens * 1e3
+    it.close()
+    s = engine.stats()
+    rec = {"ms_per_token": ms, "hit_rate": s["hit_rate"], "bytes_h2d_per_token": s["bytes_h2d"] / args.tokens,
+           "stall_ms_per_token": s["stall_s"] * 1e3 / args.tokens,
+           "host_serve_ms_per_token": step.host_s * 1e3 / args.tokens,
+           "route_mismatches": step.route_mismatch, "oracle_served": step.oracle_served,
+           "oracle_missing": step.oracle_missing,
+           **{k: s[k] for k in ("prefetch_recall", "prefetch_precision", "prefetch_units", "prefetch_paused",
+                                "prefetch_idle_skips", "prefetch_bytes_used", "prefetch_bytes_wasted")}}
+    if instrument and cuda:
+        rec["segments_gpu_ms_per_token"] = step.segment_seconds() * 1e3 / args.tokens
+        rec["copies_gpu_ms_per_token"] = copies.copy_seconds() * 1e3 / args.tokens
+        copies.timed, step.instrument = False, False
+    return rec
 
-    cfg = dict(GEOMETRIES[args.geometry], num_hidden_layers=args.layers)
-    source = MemoryCheckpoint(cfg, seed=0)
-    out = []
-    cuda = torch.device(args.device).type == "cuda"
-    for dtype in args.expert_dtypes:
-        kw = {"cache_fraction": args.cache_fraction} if args.cache_fraction is not None else {}
-        engine = edgeprism.load(source, vram_gb=args.vram_gb, device=args.device, dtype="bf16", max_context=1024,
-                                prefetch=True, lookahead=args.lookahead, expert_dtype=None if dtype == "bf16" else dtype, **kw)
+
+def _ceiling_format(source: MemoryCheckpoint, vocab: int, args: argparse.Namespace, dtype: str) -> list[dict[str, Any]]:
+    from bench.decode import set_routing
+
+    kw = {"cache_fraction": args.cache_fraction} if args.cache_fraction is not None else {}
+    engine = edgeprism.load(source, vram_gb=args.vram_gb, device=args.device, dtype="bf16", max_context=1024,
+                            prefetch=True, lookahead=args.lookahead, expert_dtype=None if dtype == "bf16" else dtype, **kw)
+    try:
         set_routing(engine, args.routing)
         step = engine.decode_step
         if not isinstance(step, LayerwiseDecode):
             reason = "every expert fits the budget" if engine.experts.slot_map is not None else type(step).__name__
             print(f"{dtype}: skipped, no dynamic cache to prefetch into ({reason}); lower --cache-fraction",
                   file=sys.stderr)
-            out.append({"expert_dtype": dtype, "skipped": reason})
-            engine.close()
-            continue
+            return [{"expert_dtype": dtype, "skipped": reason}]
         step.__class__ = OracleDecode
         step.setup()
-        copy_unit_s, idle_after = step.copy_unit_s, step.idle_after
-        ids = torch.randint(0, cfg["vocab_size"], (args.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
-        n = args.warmup + args.tokens
-
-        def decode(mode: str, budget: bool, idle: bool, instrument: bool = False) -> dict[str, Any]:
-            step.set_mode(mode)
-            step.copy_unit_s = copy_unit_s if budget else None
-            step.idle_after = idle_after if idle else 1 << 30
-            copies = engine.fetch.engine
-            it = engine.stream_ids(ids, max_new_tokens=n + 1, temperature=1.0, seed=0)
-            for _ in range(args.warmup + 1):
-                next(it)
-            engine.reset_stats()
-            step.reset_counts()
-            step.instrument = instrument
-            if hasattr(copies, "timed"):
-                copies.timed = instrument
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(args.tokens):
-                next(it)
-            if cuda:
-                torch.cuda.synchronize()
-            ms = (time.perf_counter() - t0) / args.tokens * 1e3
-            it.close()
-            s = engine.stats()
-            rec = {"ms_per_token": ms, "hit_rate": s["hit_rate"], "bytes_h2d_per_token": s["bytes_h2d"] / args.tokens,
-                   "stall_ms_per_token": s["stall_s"] * 1e3 / args.tokens,
-                   "host_serve_ms_per_token": step.host_s * 1e3 / args.tokens,
-                   "route_mismatches": step.route_mismatch, "oracle_served": step.oracle_served,
-                   "oracle_missing": step.oracle_missing,
-                   **{k: s[k] for k in ("prefetch_recall", "prefetch_precision", "prefetch_units", "prefetch_paused",
-                                        "prefetch_idle_skips", "prefetch_bytes_used", "prefetch_bytes_wasted")}}
-            if instrument and cuda:
-                rec["segments_gpu_ms_per_token"] = step.segment_seconds() * 1e3 / args.tokens
-                rec["copies_gpu_ms_per_token"] = copies.copy_seconds() * 1e3 / args.tokens
-                copies.timed, step.instrument = False, False
-            return rec
-
+        defaults = (step.copy_unit_s, step.idle_after)
+        ids = torch.randint(0, vocab, (args.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
         # the recording: the sequence every later decode repeats
         step.set_mode("off")
         step.recording = True
-        it = engine.stream_ids(ids, max_new_tokens=n + 1, temperature=1.0, seed=0)
-        for _ in it:
+        for _ in engine.stream_ids(ids, max_new_tokens=args.warmup + args.tokens + 1, temperature=1.0, seed=0):
             pass
         step.recording = False
         runs: dict[str, list[dict[str, Any]]] = {v: [] for v in args.variants}
         for r in range(args.rounds):
             order = args.variants[r % len(args.variants):] + args.variants[:r % len(args.variants)]
             for v in order:
-                runs[v].append(decode(*CEILING_VARIANTS[v]))
-        timed = {v: decode(*CEILING_VARIANTS[v], instrument=True) for v in args.variants}
+                runs[v].append(_ceiling_decode(engine, ids, args, defaults, *CEILING_VARIANTS[v]))
+        timed = {v: _ceiling_decode(engine, ids, args, defaults, *CEILING_VARIANTS[v], instrument=True)
+                 for v in args.variants}
         base = statistics.median(x["ms_per_token"] for x in runs["off"]) if "off" in runs else None
+        out = []
         for v in args.variants:
             ms = [x["ms_per_token"] for x in runs[v]]
             med = statistics.median(ms)
@@ -331,9 +327,19 @@ def ceiling(args: argparse.Namespace) -> list[dict[str, Any]]:
             out.append(rec)
             print(json.dumps({k: rec[k] for k in ("expert_dtype", "variant", "tokens_per_s", "speedup_vs_off",
                                                   "hit_rate", "prefetch_recall", "prefetch_precision")}), file=sys.stderr)
+        return out
+    finally:
         engine.close()
-        del engine
-    return out
+
+
+def ceiling(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Prefetch off / pre-gating / oracle in one engine per expert format, interleaved over rounds
+    (figures move ±10-25% between engines and machines, so they are compared inside one engine)."""
+    from bench.decode import GEOMETRIES
+
+    cfg = dict(GEOMETRIES[args.geometry], num_hidden_layers=args.layers)
+    source = MemoryCheckpoint(cfg, seed=0)
+    return [rec for dtype in args.expert_dtypes for rec in _ceiling_format(source, cfg["vocab_size"], args, dtype)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -110,7 +110,8 @@ class Engine:
         log.info("%s", self.plan.describe())
         self.tokenizer_or_none = Tokenizer.from_dir(self.path) if self.path is not None else None
         self.store = self._host_store(progress)
-        self.cache = ExpertCache(self.store, self.plan.num_slots, device, config.policy)
+        staging = self._staging_rows()
+        self.cache = ExpertCache(self.store, self.plan.num_slots - staging, device, config.policy, extra_rows=staging)
         copies = CudaCopies(device) if device.type == "cuda" else InlineCopies()
         self.fetch = Prefetcher(self.cache, copies)
         self.experts = OffloadedExperts(self.cache, self.fetch, config.gather_limit)
@@ -119,6 +120,7 @@ class Engine:
         self.sched = self._miss_scheduler(learn=cost is None)
         self.adaptive = self._adaptive_cache()
         self.model = self._build_decoder()
+        self._direct_prefetch()
         self.gate = self._unit_gate()
         self.decode_step = self._decode_step()
         self.checkpoint.close()
@@ -191,6 +193,49 @@ class Engine:
         if share is not None:
             direct.cpu_share = CpuShare(self.store, self.format, self.spec.top_k, self.device,
                                         frac=None if share is True else float(share), threads=self.config.cpu_threads)
+
+    def _predict_experts(self) -> int:
+        return min(self.spec.num_experts, self.config.predict_experts or self.spec.top_k)
+
+    def _staging_rows(self) -> int:
+        """Pool rows kept out of the cache for zero-copy decode's prefetch (two layers' predicted
+        units: staging alternates by MoE-layer parity); 0 when it will not run. Taken out of the
+        planned slots, so the budget holds."""
+        cfg, plan = self.config, self.plan
+        if not (cfg.schedule == "direct" and cfg.prefetch) or plan.num_slots >= plan.total_units:
+            return 0
+        if len(self.spec.moe_layers) < 2:
+            log.info("prefetch=True has nothing to do: the model has one MoE layer")
+            return 0
+        rows = 2 * self._predict_experts() * cfg.groups
+        if plan.num_slots - rows < self.spec.top_k * cfg.groups:
+            log.warning("prefetch=True is off: its %d staging rows would leave the cache fewer slots than one "
+                        "token's experts (%d); raise vram_gb or lower predict_experts", rows, plan.num_slots - rows)
+            return 0
+        return rows
+
+    def _direct_prefetch(self) -> None:
+        """schedule="direct" with prefetch: each MoE layer predicts the next one's experts inside the
+        graph (its router on this layer's input, the two norms' weights folded in) and stages the
+        predicted units the cache lacks (cache/direct.py)."""
+        direct = self.experts.direct
+        if direct is None or self.cache.extra_rows == 0:
+            return
+        if self.config.lookahead != 1:
+            log.info("schedule='direct' prefetches one MoE layer ahead; lookahead=%d is treated as 1",
+                     self.config.lookahead)
+        moe = self.spec.moe_layers
+        predictors = {}
+        with torch.no_grad():
+            for layer, nxt in zip(moe, moe[1:]):
+                cur_norm, nxt_block = self.model.layers[layer].ffn_norm, self.model.layers[nxt]
+                # x = RMSNorm_l(h) = h / rms(h) · w_l, and the next router wants h / rms(h) · w_next:
+                # gate_next(x · w_next / w_l) (where w_l = 0 the input carries nothing: ratio 0)
+                w_cur = cur_norm.weight.float()
+                ratio = torch.where(w_cur != 0, nxt_block.ffn_norm.weight.float() / w_cur, torch.zeros_like(w_cur))
+                weight = nxt_block.ffn.gate.weight.float() * ratio[None, :]  # [E, D]
+                predictors[layer] = (nxt, weight.t().contiguous().to(self.dtype))
+        direct.enable_prefetch(predictors, self._predict_experts(), base=self.cache.num_slots)
 
     def _cost_model(self, cost: CostModel | None, recalibrate: bool) -> CostModel | None:
         """This machine's prices (measured at first use and cached on disk, or `cost` as given), for
@@ -606,7 +651,8 @@ class Engine:
             "unit_bytes": self.plan.unit_bytes, "total_units": self.plan.total_units,
             "expert_dtype": self.format.name,
             "host_pinned": self.store.pinned, "policy": self.config.policy, "groups": self.config.groups,
-            "prefetch": isinstance(self.decode_step, LayerwiseDecode) and self.decode_step.predictor is not None,
+            "prefetch": (isinstance(self.decode_step, LayerwiseDecode) and self.decode_step.predictor is not None)
+            or (direct is not None and direct.prefetching),
             **self.fetch.summary(),
             "prefetch_idle_skips": getattr(self.decode_step, "idle_skips", 0),
             "schedule": (self.config.schedule if self.sched is not None
@@ -649,7 +695,7 @@ class Engine:
                 self.sched.reset_stats()
             if self.experts.direct is not None:
                 d = self.experts.direct
-                d.hits = d.misses = d.admitted = d.dropped = 0
+                d.hits = d.misses = d.admitted = d.dropped = d.staged_used = 0
                 d.mass_kept = d.mass_routed = 0.0
                 if d.cpu_share is not None:
                     d.cpu_share.finish()

@@ -52,3 +52,22 @@ def test_the_48_layer_estimate_scales_the_cpu_shares_loop_only():
     assert abs(loop_estimate(rec, 12) - 1 / 0.013) < 1e-6
     assert abs(loop_estimate(rec, 48) - 250.0) < 1e-6  # at its own layer count: what was measured
     assert loop_estimate({"tokens_per_s": 250.0, "tokens": 100}, 12) is None
+
+
+def test_prefetch_ceiling_oracle_replays_the_recorded_routing(tmp_path):
+    """bench/prefetch.py ceiling: the oracle predicts exactly what the next layer routes (the replayed
+    decode routes as the recording did), while pre-gating and off run beside it in one engine."""
+    from bench import prefetch
+
+    out = tmp_path / "ceiling.json"
+    assert prefetch.main(["ceiling", "--geometry", "tiny", "--layers", "4", "--device", "cpu", "--cache-fraction",
+                          "0.3", "--rounds", "1", "--tokens", "6", "--warmup", "3", "--prompt-len", "8",
+                          "--out", str(out)]) == 0
+    recs = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(recs) == {"off", "pregate", "oracle", "oracle-all"}
+    for r in recs.values():
+        assert r["route_mismatches"] == 0 and r["tokens_per_s"] > 0
+    for v in ("oracle", "oracle-all"):
+        assert recs[v]["prefetch_recall"] == 1.0 and recs[v]["oracle_served"] > 0 and recs[v]["oracle_missing"] == 0
+    assert recs["off"]["prefetch_recall"] is None and recs["off"]["prefetch_units"] == 0
+    assert recs["pregate"]["prefetch_recall"] is not None and recs["pregate"]["oracle_served"] == 0

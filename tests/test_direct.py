@@ -271,3 +271,100 @@ def test_flags_must_be_booleans(checkpoints):
     for flag in ("zero_copy", "prefetch", "pin_memory", "quant_cache"):
         with pytest.raises(ConfigError, match=flag):
             load_cpu(checkpoints["olmoe"], **{flag: "yes"})
+
+
+# ----- prefetch inside the graph (cache/direct.py: enable_prefetch) -----
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_direct_prefetch_changes_nothing_computed(checkpoints, fetched, name):
+    """Staged units are exact copies of their host rows: logits and tokens equal the fetch path's,
+    and the staging rows are never handed to the cache."""
+    ref_logits, ref_tokens = fetched[name]
+    eng = load_cpu(checkpoints[name], schedule="direct", cache_fraction=0.7, prefetch=True)
+    d = eng.experts.direct
+    torch.testing.assert_close(decode_logits(eng), ref_logits, rtol=1e-5, atol=1e-5)
+    eng.reset_stats()
+    assert eng.generate_ids(PROMPT, max_new_tokens=12) == ref_tokens
+    check_map(eng)
+    if len(eng.spec.moe_layers) < 2:  # nothing ahead to predict: no staging rows taken from the cache
+        assert not d.prefetching and eng.cache.extra_rows == 0 and not eng.stats()["prefetch"]
+        eng.close()
+        return
+    assert d.prefetching and eng.cache.extra_rows == 2 * eng.spec.top_k
+    assert all(slot < eng.cache.num_slots for slot in d.host_map[d.host_map >= 0].tolist())
+    s = eng.stats()
+    assert s["prefetch"] and s["prefetch_recall"] is not None and 0 <= s["prefetch_recall"] <= 1
+    assert s["prefetch_units"] > 0  # some predicted units were missing and got staged
+    assert s["prefetch_bytes_used"] + s["prefetch_bytes_wasted"] == s["prefetch_units"] * s["unit_bytes"]
+    assert s["prefetch_bytes_used"] == d.staged_used * s["unit_bytes"]
+    eng.close()
+
+
+def test_direct_prefetch_with_groups_int8_and_the_cpu_share(checkpoints):
+    """Sub-expert units (G = 2), int8 units and the quality floor keep the fetch path's tokens with
+    prefetch on; staged units serve some routed units (counted as used)."""
+    path = checkpoints["qwen3moe-headdim"]
+    for kw in (dict(groups=2), dict(expert_dtype="int8", quant_cache=False)):
+        ref = load_cpu(path, **kw)
+        want = ref.generate_ids(PROMPT, max_new_tokens=16)
+        ref.close()
+        eng = load_cpu(path, schedule="direct", prefetch=True, **kw)
+        assert eng.generate_ids(PROMPT, max_new_tokens=16) == want, kw
+        assert eng.experts.direct.staged_used > 0, kw
+        check_map(eng)
+        eng.close()
+
+
+def test_direct_prefetch_lookup_reads_staged_rows(checkpoints):
+    """The lookup gives an unmapped unit its staging row only where the staged code matches; a
+    mapped unit keeps its cache slot even when also staged."""
+    eng = load_cpu(checkpoints["qwen3moe-headdim"], schedule="direct", prefetch=True, predict_experts=4,
+                   cache_fraction=0.7)
+    d = eng.experts.direct
+    layer = eng.spec.moe_layers[1]
+    assert eng.spec.top_k == 2 and d.codes.shape[1] == 4
+    base = d._base[layer]
+    d.before_step()
+    d.dev_map[layer].fill_(-1)
+    d.dev_map[layer, 5, 0] = 3
+    d.codes[layer].fill_(-1)
+    d.codes[layer, 2] = 7  # expert 7 (G = 1) staged at index 2
+    d.codes[layer, 0] = 5  # expert 5 staged too, but it is mapped
+    slots, rows = d.lookup(layer, torch.tensor([[7, 5]]))
+    assert slots.tolist() == [base + 2, 3]
+    assert rows.tolist() == d.rows[torch.tensor([7, 5])].reshape(-1).tolist()
+    assert d.hit_log[layer].tolist() == [False, True]  # a staged unit stays a miss to the cache
+    slots, _ = d.lookup(layer, torch.tensor([[6, 7]]))
+    assert slots.tolist() == [-1, base + 2]
+    assert d.route_log[layer].tolist() == [6, 7]
+    eng.close()
+
+
+def test_direct_prefetch_folds_the_norms_into_the_predictor(checkpoints):
+    """The in-graph predictor ranks the next layer's experts as its own router would on the state
+    normed by its own norm: x · (w_next / w_cur) through the next gate."""
+    eng = load_cpu(checkpoints["qwen3moe-headdim"], schedule="direct", prefetch=True)
+    d = eng.experts.direct
+    moe = eng.spec.moe_layers
+    cur, nxt = eng.model.layers[moe[0]], eng.model.layers[moe[1]]
+    with torch.no_grad():
+        cur.ffn_norm.weight.uniform_(0.5, 1.5)
+        nxt.ffn_norm.weight.uniform_(0.5, 1.5)
+    eng._direct_prefetch()
+    h = torch.randn(1, eng.spec.dim)
+    with torch.no_grad():
+        want = nxt.ffn.gate(nxt.ffn_norm(h))
+        got = cur.ffn_norm(h) @ d._predict_w[moe[0]]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    eng.close()
+
+
+def test_direct_prefetch_staging_rows_come_out_of_the_budget(checkpoints):
+    eng = load_cpu(checkpoints["olmoe"], schedule="direct", cache_fraction=0.25)
+    plain = eng.cache.num_slots
+    eng.close()
+    eng = load_cpu(checkpoints["olmoe"], schedule="direct", cache_fraction=0.25, prefetch=True)
+    assert eng.cache.num_slots + eng.cache.extra_rows == plain and eng.cache.extra_rows > 0
+    assert eng.cache.pool.shape[0] == plain
+    eng.close()

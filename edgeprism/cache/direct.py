@@ -23,6 +23,22 @@ protocol keeps every slot read safe without pins:
 Admissions are bounded (`admit_units` per token once the cache is full, the most-routed missed units
 first) because every admitted unit costs a copy over the same PCIe link the misses are read over.
 
+Prefetch (`enable_prefetch`, from `load(schedule="direct", prefetch=True)`): a miss read in the kernel
+sits on the layer's critical path, while PCIe idles during the attention and the cached units' math.
+So when MoE layer l runs, the next MoE layer's experts are predicted inside the graph (pre-gating:
+that layer's router applied to layer l's input, its norm weights folded into one [D, E] matrix) and
+the predicted units the map lacks are copied from host RAM into staging rows of the pool by one
+kernel on a side stream, while layer l's experts compute. Layer l+1's lookup then finds them there
+(slot = staging row). Ordering, all inside the graph:
+- the side stream forks from the compute stream after layer l's lookup (so after layer l-1's
+  experts, the last readers of the staging rows it writes: staging rows alternate between two sets
+  by MoE-layer parity) and joins it again before layer l+1's lookup, which reads the codes;
+- everything it reads is persistent (the map, row table, a copy of layer l's input), so no buffer it
+  uses can be recycled by the compute stream's allocations meanwhile;
+- a wrong prediction costs PCIe bandwidth only: staged units are read only where the lookup matched
+  their code, and staging rows are never part of the cache.
+Staged units are still misses to the cache (they are admitted like any other).
+
 Quality floor (`floor` < 1, from `generate(..., quality=)`): inside the graph, each layer drops its
 lowest-weighted *missed* units while the dropped routing mass stays within (1 − floor) of the
 layer's total, as the hybrid planner does (a cached unit is never dropped: it costs no PCIe). A
@@ -31,6 +47,8 @@ graphs captured for a floor < 1 (`lossy`), so exact decode pays nothing for them
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 
@@ -84,18 +102,104 @@ class DirectCache:
         self._logged_lossy = False
         self.dropped, self.mass_kept, self.mass_routed = 0, 0.0, 0.0
         self.cpu_share = None  # schedule/cpu_share.CpuShare: misses the CPU computes inside the graph
+        self.prefetching = False  # `enable_prefetch`: next-layer units staged inside the graph
+        self._next: dict[int, int] = {}  # MoE layer -> the next one (whose units it prefetches)
+        self._base: dict[int, int] = {}  # prefetched MoE layer -> the first of its staging rows
+        self._forked = False  # a staging copy runs on the side stream, not yet joined
+        self.staged_used = 0  # routed units read from staging rows (since the last reset)
+
+    # ----- prefetch (set up once) -----
+
+    def enable_prefetch(self, predictors: dict[int, tuple[int, torch.Tensor]], top: int, base: int) -> None:
+        """Stage the next MoE layer's predicted units while a layer computes. predictors[l] = (the
+        MoE layer after l, its router with the norms folded in, [D, E] on the device); `top` experts
+        are predicted per layer; the pool's rows base .. base + 2·top·G are the staging rows."""
+        L, G, dev = self.cache.num_layers, self.groups, self.device
+        self._next = {layer: nxt for layer, (nxt, _) in predictors.items()}
+        self._predict_w = {layer: w for layer, (_, w) in predictors.items()}
+        self.top, P = top, top * G
+        order = {layer: i for i, layer in enumerate(self.layers)}
+        self._base = {nxt: base + (order[nxt] % 2) * P for nxt in self._next.values()}  # rows by parity
+        self.codes = torch.full((L, P), -1, dtype=torch.long, device=dev)  # staged unit codes e·G+g (-1: none)
+        self.pred_log = torch.zeros(L, top, dtype=torch.long, device=dev)  # predicted experts, per target
+        E = self.store.num_experts
+        self._x = torch.zeros(1, self.store.format.dim, dtype=next(iter(self._predict_w.values())).dtype, device=dev)
+        self._logits = torch.zeros(1, E, dtype=self._x.dtype, device=dev)
+        self._top_v = torch.zeros(1, top, dtype=self._x.dtype, device=dev)
+        self._top_i = torch.zeros(1, top, dtype=torch.long, device=dev)
+        cuda = dev.type == "cuda"
+        self._side = torch.cuda.Stream(dev) if cuda else None
+        # int32 words of the host arenas and the pool: the staging kernel copies whole rows
+        self._words = cuda and all(a.shape[-1] * a.element_size() % 4 == 0 for a in self.store.arenas.values())
+        self._host_codes = torch.full((L, P), -1, dtype=torch.long, pin_memory=cuda)
+        self._host_pred = torch.zeros(L, top, dtype=torch.long, pin_memory=cuda)
+        self.prefetching = True
+
+    # ----- prefetch (inside the graph) -----
+
+    def join(self) -> None:
+        """The compute stream waits for the staging copy in flight (before a lookup reads its codes)."""
+        if self._forked:
+            self._forked = False
+            if self._side is not None:
+                torch.cuda.current_stream(self.device).wait_stream(self._side)
+
+    def stage_next(self, layer: int, x: torch.Tensor) -> None:
+        """Predict the MoE layer after `layer` from its input x [1, D] and stage the predicted units
+        the map lacks, on the side stream (joined by the next `join`). Device ops only."""
+        nxt = self._next.get(layer)
+        if nxt is None:
+            return
+        self._x.copy_(x)  # on the compute stream: x itself may be recycled before the side stream reads it
+        side = self._side
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side) if side is not None else nullcontext():
+            torch.mm(self._x, self._predict_w[layer], out=self._logits)
+            torch.topk(self._logits, self.top, dim=-1, out=(self._top_v, self._top_i))
+            ids = self._top_i.reshape(-1)
+            self.pred_log[nxt].copy_(ids)
+            self._stage(nxt, ids)
+        self._forked = True
+
+    def _stage(self, nxt: int, ids: torch.Tensor) -> None:
+        G, base = self.groups, self._base[nxt]
+        if self.device.type == "cuda":  # the direct path has Triton on a GPU
+            from edgeprism.models import fused_triton
+
+            arena, pool = self.store.arenas[nxt], self.cache.pool
+            if self._words:
+                arena, pool = arena.view(torch.int32), pool.view(torch.int32)
+            fused_triton.stage(ids, self.dev_map[nxt], self.rows, arena, pool, self.codes[nxt], base, G)
+            return
+        # reference (CPU): every predicted unit is copied; only those the map lacks get a code
+        e = ids.repeat_interleave(G)
+        g = torch.arange(G, device=ids.device).repeat(ids.numel())
+        slot = self.dev_map[nxt][e, g]
+        self.codes[nxt].copy_(torch.where(slot < 0, e * G + g, torch.full_like(slot, -1)))
+        P = e.numel()
+        self.cache.pool[base:base + P].copy_(self.store.arenas[nxt][self.rows[e, g].cpu()])
 
     # ----- inside the graph -----
 
     def lookup(self, layer: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Slots (-1 = read from the host arena) and host rows of one token's units ([k·G] each),
         and its routing recorded for the host. Device ops only (graph-safe)."""
+        staged = layer in self._base  # a prefetch stages this layer's predicted units
         kern = fused.on(ids.device)
         if kern is not None and ids.shape[0] == 1:  # one launch instead of four
-            return kern.lookup(ids, self.dev_map[layer], self.rows, self.hit_log[layer], self.route_log[layer])
+            return kern.lookup(ids, self.dev_map[layer], self.rows, self.hit_log[layer], self.route_log[layer],
+                               self.codes[layer] if staged else None, self._base.get(layer, 0))
         self.route_log[layer].copy_(ids.reshape(-1))
         slots = self.dev_map[layer][ids].reshape(-1)
         torch.ge(slots, 0, out=self.hit_log[layer])
+        if staged:  # unmapped units found among the staged codes read their staging row
+            G = self.groups
+            code = (ids.reshape(-1, 1) * G + torch.arange(G, device=ids.device)).reshape(-1)
+            codes = self.codes[layer]
+            match = (codes[None, :] == code[:, None]) & (codes[None, :] >= 0)
+            at = torch.where(match.any(1), match.int().argmax(1), torch.full_like(code, -1))
+            slots = torch.where((slots < 0) & (at >= 0), self._base[layer] + at, slots)
         return slots, self.rows[ids].reshape(-1)
 
     def drop_misses(self, layer: int, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -141,6 +245,9 @@ class DirectCache:
         self._host_route.copy_(self.route_log, non_blocking=self._route_copied is not None)
         self._host_hit.copy_(self.hit_log, non_blocking=self._route_copied is not None)
         self._logged_lossy = self.lossy
+        if self.prefetching:
+            self._host_codes.copy_(self.codes, non_blocking=self._route_copied is not None)
+            self._host_pred.copy_(self.pred_log, non_blocking=self._route_copied is not None)
         if self.lossy:
             self._host_stats.copy_(self.layer_stats, non_blocking=self._route_copied is not None)
         if self._route_copied is not None:
@@ -168,12 +275,32 @@ class DirectCache:
             for i, e in enumerate(routes[layer]):
                 for g in range(G):
                     (hits if mapped[i * G + g] else missed).append(SubExpertKey(layer, e, g))
+        if self.prefetching:
+            self._score_prefetch(routes)
         self.table.count_uses(hits, len(missed), step)
         self.hits += len(hits)
         self.misses += len(missed)
         self._admit(missed, step)
 
     # ----- internals -----
+
+    def _score_prefetch(self, routes: list[list[int]]) -> None:
+        """The logged step's predictions against its routing, into the prefetcher's stats (recall,
+        precision, staged bytes used and wasted)."""
+        G, stats, ub = self.groups, self.fetch.stats, self.store.unit_bytes
+        codes, preds = self._host_codes.tolist(), self._host_pred.tolist()
+        for nxt in self._base:
+            routed = {e * G + g for e in routes[nxt] for g in range(G)}
+            predicted = {e * G + g for e in preds[nxt] for g in range(G)}
+            staged = {c for c in codes[nxt] if c >= 0}
+            used = len(staged & routed)
+            stats.predicted[nxt] += len(predicted)
+            stats.routed[nxt] += len(routed)
+            stats.correct[nxt] += len(predicted & routed)
+            stats.units_prefetched += len(staged)
+            stats.bytes_used += used * ub
+            stats.bytes_wasted += (len(staged) - used) * ub
+            self.staged_used += used
 
     def _admit(self, missed: list[SubExpertKey], step: int) -> None:
         """Place the hottest missed units in the table (evicting the policy's victims), unpublish

@@ -21,10 +21,14 @@ from edgeprism.moe.quant import DenseParts
 class ExpertCache:
     """Slot pool + slot table + the host→device copies that fill slots."""
 
-    def __init__(self, store: HostStore, num_slots: int, device: torch.device, policy: str) -> None:
+    def __init__(self, store: HostStore, num_slots: int, device: torch.device, policy: str, extra_rows: int = 0) -> None:
         self.store = store
         self.device = device
-        self.pool = torch.zeros(num_slots, store.numel, dtype=store.arenas[store.layers[0]].dtype, device=device)
+        # `extra_rows` rows past the slots are not the cache's: zero-copy decode's prefetch stages
+        # predicted units there (cache/direct.py); the slot table never hands them out
+        self._num_slots, self.extra_rows = num_slots, extra_rows
+        self.pool = torch.zeros(num_slots + extra_rows, store.numel, dtype=store.arenas[store.layers[0]].dtype,
+                                device=device)
         self.format = store.format  # how units are stored and computed (moe/quant.py)
         self.parts = self.format.parts(self.pool)
         # dense views [S, 2Ig, D], [S, D, Ig]; None for quantized formats (use format + parts)
@@ -38,7 +42,7 @@ class ExpertCache:
 
     @property
     def num_slots(self) -> int:
-        return self.pool.shape[0]
+        return self._num_slots
 
     def acquire(self, keys: Sequence[SubExpertKey], step: int, layer: int) -> list[int]:
         """Pin `keys` in slots, copying in the missing ones; returns one slot per key."""

@@ -12,6 +12,8 @@ it in kernels that each move a few KB. These kernels replace chains of them with
 - `route`: softmax, top-k and the renormalisation of the router's logits: one launch instead of ~8.
 - `lookup` and `drop_misses`: zero-copy decode's map lookup (one launch instead of four) and its
   in-graph quality floor (one instead of ~15, which cost ~4 µs each on the serial path of every layer).
+- `stage`: zero-copy decode's prefetch, the predicted next-layer units the cache lacks copied from host
+  RAM into staging rows of the pool (cache/direct.py), on a side stream of the token's graph.
 
 Rounding follows the reference ops where it is cheap to (bf16 results of each elementwise op, bf16
 attention scores); sums run in a different order, so results equal the torch path within bf16
@@ -197,19 +199,50 @@ def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, h_ptr, n_ptr, eps, D, HAS_RES: tl.
 
 
 @triton.jit
-def _lookup_kernel(ids_ptr, map_ptr, rows_ptr, slots_ptr, unit_rows_ptr, hit_ptr, log_ptr, N, G: tl.constexpr,
-                   NP: tl.constexpr):
+def _lookup_kernel(ids_ptr, map_ptr, rows_ptr, slots_ptr, unit_rows_ptr, hit_ptr, log_ptr, codes_ptr, base, N, P,
+                   G: tl.constexpr, NP: tl.constexpr, PP: tl.constexpr, STAGED: tl.constexpr):
     # unit a = (routed expert a // G, group a % G): its slot in the layer's map (-1: not cached), its
-    # host-arena row, whether it was mapped, and the routing recorded for the host
+    # host-arena row, whether it was mapped, and the routing recorded for the host. STAGED: a unit
+    # not mapped but staged by the prefetch (codes[j] = its code e·G + g) reads staging row base + j.
     a = tl.arange(0, NP)
     ok = a < N
     e = tl.load(ids_ptr + a // G, mask=ok, other=0)
     g = a % G
     slot = tl.load(map_ptr + e * G + g, mask=ok, other=-1)
+    tl.store(hit_ptr + a, (slot >= 0).to(tl.int8), mask=ok)
+    if STAGED:
+        j = tl.arange(0, PP)
+        codes = tl.load(codes_ptr + j, mask=j < P, other=-1)
+        match = (codes[None, :] == (e * G + g)[:, None]) & (codes[None, :] >= 0)  # [NP, PP]
+        at = tl.max(tl.where(match, j[None, :], -1), axis=1)
+        slot = tl.where((slot < 0) & (at >= 0), base + at, slot)
     tl.store(slots_ptr + a, slot, mask=ok)
     tl.store(unit_rows_ptr + a, tl.load(rows_ptr + e * G + g, mask=ok, other=0), mask=ok)
-    tl.store(hit_ptr + a, (slot >= 0).to(tl.int8), mask=ok)
     tl.store(log_ptr + a // G, e, mask=ok & (g == 0))
+
+
+@triton.jit
+def _stage_kernel(ids_ptr, map_ptr, rows_ptr, src_ptr, dst_ptr, codes_ptr, base, W, NCH, TOTAL,
+                  G: tl.constexpr, BLOCK: tl.constexpr):
+    # Prefetch staging: predicted unit i = (expert ids[i // G], group i % G). A unit the map holds
+    # costs nothing (code -1); any other is copied, in NCH chunks of BLOCK words, from its row of the
+    # layer's host arena (read over PCIe) into staging row base + i of the pool, and its code
+    # e·G + g is written for the layer's lookup. Programs stride over the (unit, chunk) items, so
+    # the copy occupies only as many SMs as the grid has programs.
+    pid, nprog = tl.program_id(0), tl.num_programs(0)
+    for t in range(pid, TOTAL, nprog):
+        i = t // NCH
+        c = t % NCH
+        e = tl.load(ids_ptr + i // G)
+        g = i % G
+        slot = tl.load(map_ptr + e * G + g)
+        row = tl.load(rows_ptr + e * G + g).to(tl.int64)
+        offs = c * BLOCK + tl.arange(0, BLOCK)
+        m = offs < tl.where(slot < 0, W, 0)  # a mapped unit copies nothing
+        v = tl.load(src_ptr + row * W + offs, mask=m)
+        tl.store(dst_ptr + (base + i).to(tl.int64) * W + offs, v, mask=m)
+        if c == 0:
+            tl.store(codes_ptr + i, tl.where(slot < 0, e * G + g, -1))
 
 
 @triton.jit
@@ -294,17 +327,36 @@ def route(logits: torch.Tensor, top_k: int, normalize: bool, weights_dtype: torc
 
 
 def lookup(ids: torch.Tensor, layer_map: torch.Tensor, rows: torch.Tensor, hit_log: torch.Tensor,
-           route_log: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+           route_log: torch.Tensor, codes: torch.Tensor | None = None, base: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """One token's k routed experts `ids` -> (slots, host rows) of its k·G units, from the layer's map
     [E, G] (-1 = not cached) and the host-row table [E, G]; writes hit_log [k·G] (bool: mapped) and
-    route_log [k] (the ids) for the host. One launch instead of four."""
+    route_log [k] (the ids) for the host. `codes` [P] (the layer's prefetch staging, `stage`): an
+    unmapped unit found there gets staging slot base + its index. One launch instead of four."""
     G = layer_map.shape[-1]
     n = ids.numel() * G
     slots = torch.empty(n, dtype=torch.long, device=ids.device)
     unit_rows = torch.empty(n, dtype=torch.long, device=ids.device)
+    P = codes.numel() if codes is not None else 1
     _lookup_kernel[(1,)](ids.reshape(-1), layer_map, rows, slots, unit_rows, hit_log.view(torch.int8), route_log,
-                         n, G=G, NP=triton.next_power_of_2(n), num_warps=1)
+                         codes if codes is not None else slots, base, n, P, G=G, NP=triton.next_power_of_2(n),
+                         PP=max(2, triton.next_power_of_2(P)), STAGED=codes is not None, num_warps=1)
     return slots, unit_rows
+
+
+STAGE_BLOCK = 4096  # words (int32) per copy item: 16 KiB
+STAGE_PROGRAMS = int(os.environ.get("EDGEPRISM_STAGE_PROGRAMS", "64"))  # SMs the staging copy may occupy
+
+
+def stage(ids: torch.Tensor, layer_map: torch.Tensor, rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
+          codes: torch.Tensor, base: int, groups: int) -> None:
+    """Copy the predicted experts' unmapped units (ids [n], groups each) from the host arena `src`
+    [R, W] (int32 words, pinned: read over PCIe) into pool rows base .. base + n·G of `dst` [S, W], and
+    write codes [n·G] (e·G + g, or -1 for a unit the map holds). One launch; see `_stage_kernel`."""
+    P, W = ids.numel() * groups, src.shape[1]
+    nch = triton.cdiv(W, STAGE_BLOCK)
+    total = P * nch
+    _stage_kernel[(max(1, min(STAGE_PROGRAMS, total)),)](ids.reshape(-1), layer_map, rows, src, dst, codes, base, W,
+                                                         nch, total, G=groups, BLOCK=STAGE_BLOCK, num_warps=4)
 
 
 def drop_misses(slots: torch.Tensor, weights: torch.Tensor, floor: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:

@@ -120,7 +120,9 @@ class OffloadedExperts:
         assert direct is not None
         if direct.stale and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             direct.before_step()
+        direct.join()  # a staging copy for this layer (prefetch) has landed before the lookup reads it
         slots, rows = direct.lookup(layer, ids)
+        direct.stage_next(layer, x)  # prefetch: the next layer's predicted units, beside this layer's work
         tokens, w = direct.tokens, self._unit_weights(weights, units)  # one token: constant token ids
         if direct.lossy:
             w = direct.drop_misses(layer, slots, w)

@@ -175,6 +175,67 @@ def test_lookup_equals_the_map_gather():
     assert torch.equal(hit, slots >= 0) and torch.equal(log, ids[0])
 
 
+def test_lookup_with_staged_codes_equals_the_torch_ops(monkeypatch):
+    """Prefetch staging: an unmapped unit whose code is staged reads its staging row, a mapped one
+    keeps its slot, anything else reads the host (-1); the kernel and DirectCache's torch ops agree."""
+    from types import SimpleNamespace
+
+    from edgeprism.cache.direct import DirectCache
+
+    E, G, k, L, layer, base = 16, 2, 4, 3, 1, 50
+    g = torch.Generator().manual_seed(5)
+    for trial in range(12):
+        layer_map = torch.where(torch.rand(L, E, G, generator=g) < 0.4, torch.randint(0, 40, (L, E, G), generator=g), -1)
+        P = (2, 4, 8)[trial % 3] * G
+        codes = torch.full((L, P), -1)
+        pick = torch.randperm(E * G, generator=g)[:P]
+        codes[layer] = torch.where(torch.rand(P, generator=g) < 0.7, pick, -1)
+        ids = torch.randperm(E, generator=g)[:k][None]
+
+        def state(dev, layer_map=layer_map, codes=codes):
+            return SimpleNamespace(_base={layer: base}, groups=G, dev_map=layer_map.to(dev),
+                                   rows=(torch.arange(E * G) + 100).reshape(E, G).to(dev), codes=codes.to(dev),
+                                   hit_log=torch.zeros(L, k * G, dtype=torch.bool, device=dev),
+                                   route_log=torch.zeros(L, k, dtype=torch.long, device=dev))
+
+        got = state(DEV)
+        slots, unit_rows = DirectCache.lookup(got, layer, ids.to(DEV))
+        monkeypatch.setenv("EDGEPRISM_FUSED", "0")
+        ref = state("cpu")
+        want, want_rows = DirectCache.lookup(ref, layer, ids)
+        monkeypatch.setenv("EDGEPRISM_FUSED", ON)
+        assert torch.equal(slots.cpu(), want) and torch.equal(unit_rows.cpu(), want_rows), trial
+        assert torch.equal(got.hit_log.cpu(), ref.hit_log) and torch.equal(got.route_log.cpu(), ref.route_log)
+        code = (ids.reshape(-1, 1) * G + torch.arange(G)).reshape(-1)
+        staged = torch.isin(code, codes[layer][codes[layer] >= 0]) & (layer_map[layer][ids].reshape(-1) < 0)
+        assert (want[staged] >= base).all() and (want[~staged] < base).all(), trial
+
+
+@pytest.mark.parametrize("W", [7, 4096, 5000])
+def test_stage_copies_the_predicted_units_the_map_lacks(W):
+    """The staging kernel copies each predicted unit the map lacks from its host row (pinned on a
+    GPU: read over PCIe) into its staging row, leaves the others' rows untouched and writes codes."""
+    E, G, top, base = 12, 2, 3, 5
+    g = torch.Generator().manual_seed(W)
+    src = torch.randint(-2**31, 2**31 - 1, (E * G + 3, W), generator=g, dtype=torch.int32)
+    if DEV == "cuda":
+        src = src.pin_memory()
+    rows = torch.randperm(E * G + 3, generator=g)[:E * G].reshape(E, G)
+    layer_map = torch.where(torch.rand(E, G, generator=g) < 0.5, torch.arange(E * G).reshape(E, G), -1)
+    ids = torch.tensor([4, 0, 9])
+    dst = torch.zeros(base + 2 * top * G, W, dtype=torch.int32, device=DEV)
+    codes = torch.zeros(top * G, dtype=torch.long, device=DEV)
+    _kern().stage(ids.to(DEV), layer_map.to(DEV), rows.to(DEV), src, dst, codes, base, G)
+    dst = dst.cpu()
+    for i in range(top * G):
+        e, grp = int(ids[i // G]), i % G
+        if layer_map[e, grp] < 0:
+            assert int(codes[i]) == e * G + grp and torch.equal(dst[base + i], src[rows[e, grp]]), i
+        else:
+            assert int(codes[i]) == -1 and not dst[base + i].any(), i
+    assert not dst[:base].any() and not dst[base + top * G:].any()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, BF])
 def test_drop_misses_equals_the_torch_ops(monkeypatch, dtype):
     """The fused quality floor drops exactly what DirectCache.drop_misses' torch ops drop (a stable
