@@ -235,7 +235,10 @@ class Engine:
                 ratio = torch.where(w_cur != 0, nxt_block.ffn_norm.weight.float() / w_cur, torch.zeros_like(w_cur))
                 weight = nxt_block.ffn.gate.weight.float() * ratio[None, :]  # [E, D]
                 predictors[layer] = (nxt, weight.t().contiguous().to(self.dtype))
-        direct.enable_prefetch(predictors, self._predict_experts(), base=self.cache.num_slots)
+        budget = os.environ.get("EDGEPRISM_STAGE_BUDGET")  # experiments: units staged per layer
+        after = os.environ.get("EDGEPRISM_STAGE_AFTER", "experts") == "experts"
+        direct.enable_prefetch(predictors, self._predict_experts(), base=self.cache.num_slots,
+                               budget=int(budget) if budget else None, after_experts=after)
 
     def _cost_model(self, cost: CostModel | None, recalibrate: bool) -> CostModel | None:
         """This machine's prices (measured at first use and cached on disk, or `cost` as given), for

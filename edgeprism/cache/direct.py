@@ -103,6 +103,7 @@ class DirectCache:
         self.dropped, self.mass_kept, self.mass_routed = 0, 0.0, 0.0
         self.cpu_share = None  # schedule/cpu_share.CpuShare: misses the CPU computes inside the graph
         self.prefetching = False  # `enable_prefetch`: next-layer units staged inside the graph
+        self.after_experts, self.budget = True, 0
         self._next: dict[int, int] = {}  # MoE layer -> the next one (whose units it prefetches)
         self._base: dict[int, int] = {}  # prefetched MoE layer -> the first of its staging rows
         self._forked = False  # a staging copy runs on the side stream, not yet joined
@@ -110,14 +111,20 @@ class DirectCache:
 
     # ----- prefetch (set up once) -----
 
-    def enable_prefetch(self, predictors: dict[int, tuple[int, torch.Tensor]], top: int, base: int) -> None:
+    def enable_prefetch(self, predictors: dict[int, tuple[int, torch.Tensor]], top: int, base: int,
+                        budget: int | None = None, after_experts: bool = True) -> None:
         """Stage the next MoE layer's predicted units while a layer computes. predictors[l] = (the
         MoE layer after l, its router with the norms folded in, [D, E] on the device); `top` experts
-        are predicted per layer; the pool's rows base .. base + 2·top·G are the staging rows."""
+        are predicted per layer, and of their units the map lacks the `budget` best-ranked are staged
+        (None: all); the pool's rows base .. base + 2·top·G are the staging rows. `after_experts`: the
+        staging copy starts once the layer's experts have run (so it does not take PCIe from the
+        layer's own misses), else right after the layer's lookup."""
+        self.after_experts = after_experts
         L, G, dev = self.cache.num_layers, self.groups, self.device
         self._next = {layer: nxt for layer, (nxt, _) in predictors.items()}
         self._predict_w = {layer: w for layer, (_, w) in predictors.items()}
         self.top, P = top, top * G
+        self.budget = P if budget is None else max(0, min(P, budget))  # units staged per layer, at most
         order = {layer: i for i, layer in enumerate(self.layers)}
         self._base = {nxt: base + (order[nxt] % 2) * P for nxt in self._next.values()}  # rows by parity
         self.codes = torch.full((L, P), -1, dtype=torch.long, device=dev)  # staged unit codes e·G+g (-1: none)
@@ -170,13 +177,15 @@ class DirectCache:
             arena, pool = self.store.arenas[nxt], self.cache.pool
             if self._words:
                 arena, pool = arena.view(torch.int32), pool.view(torch.int32)
-            fused_triton.stage(ids, self.dev_map[nxt], self.rows, arena, pool, self.codes[nxt], base, G)
+            fused_triton.stage(ids, self.dev_map[nxt], self.rows, arena, pool, self.codes[nxt], base, G, self.budget)
             return
-        # reference (CPU): every predicted unit is copied; only those the map lacks get a code
+        # reference (CPU): every predicted unit is copied; those staged (the first `budget` the map
+        # lacks, in rank order) get a code
         e = ids.repeat_interleave(G)
         g = torch.arange(G, device=ids.device).repeat(ids.numel())
         slot = self.dev_map[nxt][e, g]
-        self.codes[nxt].copy_(torch.where(slot < 0, e * G + g, torch.full_like(slot, -1)))
+        take = (slot < 0) & ((slot < 0).cumsum(0) <= self.budget)
+        self.codes[nxt].copy_(torch.where(take, e * G + g, torch.full_like(slot, -1)))
         P = e.numel()
         self.cache.pool[base:base + P].copy_(self.store.arenas[nxt][self.rows[e, g].cpu()])
 

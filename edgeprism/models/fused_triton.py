@@ -222,13 +222,17 @@ def _lookup_kernel(ids_ptr, map_ptr, rows_ptr, slots_ptr, unit_rows_ptr, hit_ptr
 
 
 @triton.jit
-def _stage_kernel(ids_ptr, map_ptr, rows_ptr, src_ptr, dst_ptr, codes_ptr, base, W, NCH, TOTAL,
-                  G: tl.constexpr, BLOCK: tl.constexpr):
-    # Prefetch staging: predicted unit i = (expert ids[i // G], group i % G). A unit the map holds
-    # costs nothing (code -1); any other is copied, in NCH chunks of BLOCK words, from its row of the
-    # layer's host arena (read over PCIe) into staging row base + i of the pool, and its code
-    # e·G + g is written for the layer's lookup. Programs stride over the (unit, chunk) items, so
-    # the copy occupies only as many SMs as the grid has programs.
+def _stage_kernel(ids_ptr, map_ptr, rows_ptr, src_ptr, dst_ptr, codes_ptr, base, W, NCH, TOTAL, P, BUDGET,
+                  G: tl.constexpr, BLOCK: tl.constexpr, PP: tl.constexpr):
+    # Prefetch staging: predicted unit i = (expert ids[i // G], group i % G), best-ranked first. A
+    # unit the map holds costs nothing (code -1); of the others, the first BUDGET in rank order are
+    # copied, in NCH chunks of BLOCK words, from their rows of the layer's host arena (read over
+    # PCIe) into staging rows base + i of the pool, and their codes e·G + g written for the layer's
+    # lookup (-1 for the rest). Programs stride over the (unit, chunk) items, so the copy occupies
+    # only as many SMs as the grid has programs.
+    j = tl.arange(0, PP)
+    ej = tl.load(ids_ptr + j // G, mask=j < P, other=0)
+    missing = (tl.load(map_ptr + ej * G + j % G, mask=j < P, other=0) < 0) & (j < P)
     pid, nprog = tl.program_id(0), tl.num_programs(0)
     for t in range(pid, TOTAL, nprog):
         i = t // NCH
@@ -236,13 +240,15 @@ def _stage_kernel(ids_ptr, map_ptr, rows_ptr, src_ptr, dst_ptr, codes_ptr, base,
         e = tl.load(ids_ptr + i // G)
         g = i % G
         slot = tl.load(map_ptr + e * G + g)
+        rank = tl.sum((missing & (j < i)).to(tl.int32), axis=0)  # missing units ranked before unit i
+        take = (slot < 0) & (rank < BUDGET)
         row = tl.load(rows_ptr + e * G + g).to(tl.int64)
         offs = c * BLOCK + tl.arange(0, BLOCK)
-        m = offs < tl.where(slot < 0, W, 0)  # a mapped unit copies nothing
+        m = offs < tl.where(take, W, 0)  # a mapped or over-budget unit copies nothing
         v = tl.load(src_ptr + row * W + offs, mask=m)
         tl.store(dst_ptr + (base + i).to(tl.int64) * W + offs, v, mask=m)
         if c == 0:
-            tl.store(codes_ptr + i, tl.where(slot < 0, e * G + g, -1))
+            tl.store(codes_ptr + i, tl.where(take, e * G + g, -1))
 
 
 @triton.jit
@@ -348,15 +354,17 @@ STAGE_PROGRAMS = int(os.environ.get("EDGEPRISM_STAGE_PROGRAMS", "64"))  # SMs th
 
 
 def stage(ids: torch.Tensor, layer_map: torch.Tensor, rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
-          codes: torch.Tensor, base: int, groups: int) -> None:
-    """Copy the predicted experts' unmapped units (ids [n], groups each) from the host arena `src`
-    [R, W] (int32 words, pinned: read over PCIe) into pool rows base .. base + n·G of `dst` [S, W], and
-    write codes [n·G] (e·G + g, or -1 for a unit the map holds). One launch; see `_stage_kernel`."""
+          codes: torch.Tensor, base: int, groups: int, budget: int | None = None) -> None:
+    """Copy the predicted experts' unmapped units (ids [n] best first, groups each; at most `budget`
+    of them, the best-ranked) from the host arena `src` [R, W] (int32 words, pinned: read over PCIe)
+    into pool rows base .. base + n·G of `dst` [S, W], and write codes [n·G] (e·G + g, or -1 for a
+    unit not staged). One launch; see `_stage_kernel`."""
     P, W = ids.numel() * groups, src.shape[1]
     nch = triton.cdiv(W, STAGE_BLOCK)
     total = P * nch
-    _stage_kernel[(max(1, min(STAGE_PROGRAMS, total)),)](ids.reshape(-1), layer_map, rows, src, dst, codes, base, W,
-                                                         nch, total, G=groups, BLOCK=STAGE_BLOCK, num_warps=4)
+    _stage_kernel[(max(1, min(STAGE_PROGRAMS, total)),)](
+        ids.reshape(-1), layer_map, rows, src, dst, codes, base, W, nch, total, P, P if budget is None else budget,
+        G=groups, BLOCK=STAGE_BLOCK, PP=max(2, triton.next_power_of_2(P)), num_warps=4)
 
 
 def drop_misses(slots: torch.Tensor, weights: torch.Tensor, floor: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:

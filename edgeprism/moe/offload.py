@@ -122,7 +122,9 @@ class OffloadedExperts:
             direct.before_step()
         direct.join()  # a staging copy for this layer (prefetch) has landed before the lookup reads it
         slots, rows = direct.lookup(layer, ids)
-        direct.stage_next(layer, x)  # prefetch: the next layer's predicted units, beside this layer's work
+        stage_early = direct.prefetching and not direct.after_experts
+        if stage_early:  # prefetch: the next layer's predicted units, beside this layer's work
+            direct.stage_next(layer, x)
         tokens, w = direct.tokens, self._unit_weights(weights, units)  # one token: constant token ids
         if direct.lossy:
             w = direct.drop_misses(layer, slots, w)
@@ -130,6 +132,8 @@ class OffloadedExperts:
         if share is not None:  # part of the misses computed by the CPU meanwhile (schedule/cpu_share.py)
             w = share.split(layer, x, slots, rows, w)
         y = self.cache.format.grouped_direct(x, self.cache.parts, direct.host_parts[layer], slots, rows, tokens, w)
+        if direct.prefetching and not stage_early:  # ... once this layer's own misses are read
+            direct.stage_next(layer, x)
         return share.merge(layer, y) if share is not None else y
 
     def _gathered(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,

@@ -211,10 +211,11 @@ def test_lookup_with_staged_codes_equals_the_torch_ops(monkeypatch):
         assert (want[staged] >= base).all() and (want[~staged] < base).all(), trial
 
 
-@pytest.mark.parametrize("W", [7, 4096, 5000])
-def test_stage_copies_the_predicted_units_the_map_lacks(W):
-    """The staging kernel copies each predicted unit the map lacks from its host row (pinned on a
-    GPU: read over PCIe) into its staging row, leaves the others' rows untouched and writes codes."""
+@pytest.mark.parametrize("W,budget", [(7, None), (4096, 2), (5000, 0), (5000, 3)])
+def test_stage_copies_the_predicted_units_the_map_lacks(W, budget):
+    """The staging kernel copies the best-ranked `budget` predicted units the map lacks from their
+    host rows (pinned on a GPU: read over PCIe) into their staging rows, leaves the others' rows
+    untouched and writes codes."""
     E, G, top, base = 12, 2, 3, 5
     g = torch.Generator().manual_seed(W)
     src = torch.randint(-2**31, 2**31 - 1, (E * G + 3, W), generator=g, dtype=torch.int32)
@@ -225,11 +226,14 @@ def test_stage_copies_the_predicted_units_the_map_lacks(W):
     ids = torch.tensor([4, 0, 9])
     dst = torch.zeros(base + 2 * top * G, W, dtype=torch.int32, device=DEV)
     codes = torch.zeros(top * G, dtype=torch.long, device=DEV)
-    _kern().stage(ids.to(DEV), layer_map.to(DEV), rows.to(DEV), src, dst, codes, base, G)
+    _kern().stage(ids.to(DEV), layer_map.to(DEV), rows.to(DEV), src, dst, codes, base, G, budget)
     dst = dst.cpu()
+    ranked_missing = 0
     for i in range(top * G):
         e, grp = int(ids[i // G]), i % G
-        if layer_map[e, grp] < 0:
+        take = layer_map[e, grp] < 0 and (budget is None or ranked_missing < budget)
+        ranked_missing += int(layer_map[e, grp] < 0)
+        if take:
             assert int(codes[i]) == e * G + grp and torch.equal(dst[base + i], src[rows[e, grp]]), i
         else:
             assert int(codes[i]) == -1 and not dst[base + i].any(), i

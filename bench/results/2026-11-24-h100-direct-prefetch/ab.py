@@ -1,0 +1,54 @@
+"""Zero-copy decode with and without in-graph prefetch, 12 Qwen3-30B-A3B-shaped layers, token routing, 8 GB.
+
+PYTHONPATH=$PWD python3 <this file> OUT.jsonl [bf16|int4] [config ...]; a config is `off` or
+`<after>:<budget>[:<predict>]` (after = experts|lookup: where the staging copy forks; budget = units
+staged per layer, `all` = every predicted unit the cache lacks; predict = experts predicted, default top_k)."""
+import json
+import os
+import sys
+import time
+
+import torch
+
+import edgeprism
+from bench.decode import GEOMETRIES, set_routing
+from edgeprism.models.checkpoint import MemoryCheckpoint
+
+out, dtype, configs = sys.argv[1], sys.argv[2], sys.argv[3:]
+cfg = dict(GEOMETRIES["qwen3-30b-a3b"], num_hidden_layers=12)
+src = MemoryCheckpoint(cfg, seed=0)
+ids = torch.randint(0, cfg["vocab_size"], (64,), generator=torch.Generator().manual_seed(1)).tolist()
+for conf in configs:
+    kw = dict(expert_dtype="int4", cache_fraction=0.299) if dtype == "int4" else {}
+    pref = conf != "off"
+    if pref:
+        after, budget, *predict = conf.split(":")
+        os.environ["EDGEPRISM_STAGE_AFTER"] = after
+        os.environ["EDGEPRISM_STAGE_BUDGET"] = "" if budget == "all" else budget
+        if predict:
+            kw["predict_experts"] = int(predict[0])
+    eng = edgeprism.load(src, vram_gb=8, dtype="bf16", max_context=1024, schedule="direct", prefetch=pref, **kw)
+    set_routing(eng, "token")
+    it = eng.stream_ids(ids, max_new_tokens=1000, temperature=1.0, seed=0)
+    for _ in range(48):
+        next(it)
+    eng.reset_stats()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(128):
+        next(it)
+    torch.cuda.synchronize()
+    ms = (time.perf_counter() - t0) / 128 * 1e3
+    s = eng.stats()
+    d = eng.experts.direct
+    rec = {"dtype": dtype, "config": conf, "ms_per_token": round(ms, 3), "tokens_per_s": round(1e3 / ms, 1),
+           "hit_rate": round(s["hit_rate"], 3), "recall": s["prefetch_recall"], "staged_units": s["prefetch_units"],
+           "staged_used": d.staged_used, "used_mb_per_token": s["prefetch_bytes_used"] / 128 / 1e6,
+           "wasted_mb_per_token": s["prefetch_bytes_wasted"] / 128 / 1e6,
+           "read_in_kernel_mb_per_token": (d.misses - d.staged_used) * s["unit_bytes"] / 128 / 1e6,
+           "cache_slots": s["cache_slots"], "commit": os.environ.get("COMMIT")}
+    print(json.dumps(rec), flush=True)
+    with open(out, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    it.close()
+    eng.close()
