@@ -1,8 +1,11 @@
 """Zero-copy decode with and without in-graph prefetch, 12 Qwen3-30B-A3B-shaped layers, token routing, 8 GB.
 
 PYTHONPATH=$PWD python3 <this file> OUT.jsonl [bf16|int4] [config ...]; a config is `off` or
-`<after>:<budget>[:<predict>]` (after = experts|lookup: where the staging copy forks; budget = units
-staged per layer, `all` = every predicted unit the cache lacks; predict = experts predicted, default top_k)."""
+`[oracle:]<after>:<budget>[:<predict>]` (after = experts|lookup: where the staging copy forks; budget =
+units staged per layer, `all` = every predicted unit the cache lacks; predict = experts predicted, default
+top_k). `oracle:` replaces the prediction by the routing a first decode of the same prompt recorded (the
+next layer's routed experts, in order), fed to the graph through a device-side token counter: the
+ceiling of any predictor on this mechanism."""
 import json
 import os
 import sys
@@ -18,17 +21,63 @@ out, dtype, configs = sys.argv[1], sys.argv[2], sys.argv[3:]
 cfg = dict(GEOMETRIES["qwen3-30b-a3b"], num_hidden_layers=12)
 src = MemoryCheckpoint(cfg, seed=0)
 ids = torch.randint(0, cfg["vocab_size"], (64,), generator=torch.Generator().manual_seed(1)).tolist()
+
+
+def install_oracle(d, table):
+    """Stage from `table` [tokens, L, k] (device) instead of the predictor: token t, layer nxt."""
+    first = min(d._next)
+    d._oracle_table, d._oracle_step = table, torch.full((1,), -1, dtype=torch.long, device=table.device)
+    d._oracle_row = torch.zeros(1, *table.shape[1:], dtype=torch.long, device=table.device)
+
+    def stage_next(layer, x):
+        nxt = d._next.get(layer)
+        if nxt is None:
+            return
+        if layer == first:
+            d._oracle_step.add_(1)  # on the compute stream, before the fork
+        d._side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(d._side):
+            torch.index_select(d._oracle_table, 0, d._oracle_step, out=d._oracle_row)
+            d._top_i.copy_(d._oracle_row[0, nxt][None, :d.top])
+            ids = d._top_i.reshape(-1)
+            d.pred_log[nxt].copy_(ids)
+            d._stage(nxt, ids)
+        d._forked = True
+
+    d.stage_next = stage_next
+
+
+def record_routes(eng, n):
+    """The routing of the first n decode tokens of the measured prompt: [n, L, k] on the device."""
+    d, logs = eng.experts.direct, []
+    orig = d.read_routing
+
+    def read_routing():
+        logs.append(d.route_log.clone())
+        orig()
+
+    d.read_routing = read_routing
+    it = eng.stream_ids(ids, max_new_tokens=n + 1, temperature=1.0, seed=0)
+    for _ in it:
+        pass
+    d.read_routing = orig
+    return torch.stack(logs)
+
+
 for conf in configs:
     kw = dict(expert_dtype="int4", cache_fraction=0.299) if dtype == "int4" else {}
     pref = conf != "off"
+    oracle = conf.startswith("oracle:")
     if pref:
-        after, budget, *predict = conf.split(":")
+        after, budget, *predict = conf.split(":")[1:] if oracle else conf.split(":")
         os.environ["EDGEPRISM_STAGE_AFTER"] = after
         os.environ["EDGEPRISM_STAGE_BUDGET"] = "" if budget == "all" else budget
         if predict:
             kw["predict_experts"] = int(predict[0])
     eng = edgeprism.load(src, vram_gb=8, dtype="bf16", max_context=1024, schedule="direct", prefetch=pref, **kw)
     set_routing(eng, "token")
+    if oracle:
+        install_oracle(eng.experts.direct, record_routes(eng, 200))
     it = eng.stream_ids(ids, max_new_tokens=1000, temperature=1.0, seed=0)
     for _ in range(48):
         next(it)
