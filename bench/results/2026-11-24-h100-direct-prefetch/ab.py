@@ -23,11 +23,14 @@ src = MemoryCheckpoint(cfg, seed=0)
 ids = torch.randint(0, cfg["vocab_size"], (64,), generator=torch.Generator().manual_seed(1)).tolist()
 
 
-def install_oracle(d, table):
-    """Stage from `table` [tokens, L, k] (device) instead of the predictor: token t, layer nxt."""
+def install_oracle(d, tokens):
+    """Stage from a table [tokens, L, k] (device, filled later: graphs keep its address) instead of
+    the predictor: token t, layer nxt. Installed before any graph is captured."""
     first = min(d._next)
-    d._oracle_table, d._oracle_step = table, torch.full((1,), -1, dtype=torch.long, device=table.device)
-    d._oracle_row = torch.zeros(1, *table.shape[1:], dtype=torch.long, device=table.device)
+    L, k = d.route_log.shape
+    d._oracle_table = torch.zeros(tokens, L, k, dtype=torch.long, device=d.device)
+    d._oracle_step = torch.full((1,), -1, dtype=torch.long, device=d.device)
+    d._oracle_row = torch.zeros(1, L, k, dtype=torch.long, device=d.device)
 
     def stage_next(layer, x):
         nxt = d._next.get(layer)
@@ -77,7 +80,11 @@ for conf in configs:
     eng = edgeprism.load(src, vram_gb=8, dtype="bf16", max_context=1024, schedule="direct", prefetch=pref, **kw)
     set_routing(eng, "token")
     if oracle:
-        install_oracle(eng.experts.direct, record_routes(eng, 200))
+        d = eng.experts.direct
+        install_oracle(d, 256)
+        routes = record_routes(eng, 200)
+        d._oracle_table[:routes.shape[0]].copy_(routes)
+        d._oracle_step.fill_(-1)
     it = eng.stream_ids(ids, max_new_tokens=1000, temperature=1.0, seed=0)
     for _ in range(48):
         next(it)
