@@ -195,7 +195,24 @@ class Engine:
                                         frac=None if share is True else float(share), threads=self.config.cpu_threads)
 
     def _predict_experts(self) -> int:
-        return min(self.spec.num_experts, self.config.predict_experts or self.spec.top_k)
+        """Experts predicted per target layer: `predict_experts`, else top_k (layerwise) or 2
+        (schedule="direct", whose staging copies only the best-ranked: bench/results/2026-11-24-h100-direct-prefetch/)."""
+        default = min(2, self.spec.top_k) if self.config.schedule == "direct" else self.spec.top_k
+        return min(self.spec.num_experts, self.config.predict_experts or default)
+
+    def _stage_knobs(self) -> tuple[int, bool]:
+        """Zero-copy prefetch's staging budget (units per layer; default one expert's G units) and
+        where its copy forks (after the layer's experts, or `lookup`: beside them), from
+        EDGEPRISM_STAGE_BUDGET / EDGEPRISM_STAGE_AFTER (tuning knobs, docs/architecture.md)."""
+        raw = os.environ.get("EDGEPRISM_STAGE_BUDGET", "").strip()
+        if raw and not raw.isdigit():
+            raise ConfigError(f"EDGEPRISM_STAGE_BUDGET={raw!r}: must be a whole number of units staged per layer "
+                              "(0 stages nothing); unset it for the default (one expert's units).")
+        after = os.environ.get("EDGEPRISM_STAGE_AFTER", "experts").strip() or "experts"
+        if after not in ("experts", "lookup"):
+            raise ConfigError(f"EDGEPRISM_STAGE_AFTER={after!r}: must be 'experts' (the staging copy starts after "
+                              "the layer's experts) or 'lookup' (beside them).")
+        return (int(raw) if raw else self.config.groups), after == "experts"
 
     def _staging_rows(self) -> int:
         """Pool rows kept out of the cache for zero-copy decode's prefetch (two layers' predicted
@@ -204,6 +221,7 @@ class Engine:
         cfg, plan = self.config, self.plan
         if not (cfg.schedule == "direct" and cfg.prefetch) or plan.num_slots >= plan.total_units:
             return 0
+        self._stage_knobs()  # a bad knob fails here, before anything is allocated
         if len(self.spec.moe_layers) < 2:
             log.info("prefetch=True has nothing to do: the model has one MoE layer")
             return 0
@@ -235,10 +253,9 @@ class Engine:
                 ratio = torch.where(w_cur != 0, nxt_block.ffn_norm.weight.float() / w_cur, torch.zeros_like(w_cur))
                 weight = nxt_block.ffn.gate.weight.float() * ratio[None, :]  # [E, D]
                 predictors[layer] = (nxt, weight.t().contiguous().to(self.dtype))
-        budget = os.environ.get("EDGEPRISM_STAGE_BUDGET")  # experiments: units staged per layer
-        after = os.environ.get("EDGEPRISM_STAGE_AFTER", "experts") == "experts"
+        budget, after = self._stage_knobs()
         direct.enable_prefetch(predictors, self._predict_experts(), base=self.cache.num_slots,
-                               budget=int(budget) if budget else None, after_experts=after)
+                               budget=budget, after_experts=after)
 
     def _cost_model(self, cost: CostModel | None, recalibrate: bool) -> CostModel | None:
         """This machine's prices (measured at first use and cached on disk, or `cost` as given), for

@@ -291,7 +291,8 @@ def test_direct_prefetch_changes_nothing_computed(checkpoints, fetched, name):
         assert not d.prefetching and eng.cache.extra_rows == 0 and not eng.stats()["prefetch"]
         eng.close()
         return
-    assert d.prefetching and eng.cache.extra_rows == 2 * eng.spec.top_k
+    assert d.prefetching and eng.cache.extra_rows == 2 * min(2, eng.spec.top_k)  # 2 experts predicted, G = 1
+    assert d.budget == 1  # one expert's units staged per layer
     assert all(slot < eng.cache.num_slots for slot in d.host_map[d.host_map >= 0].tolist())
     s = eng.stats()
     assert s["prefetch"] and s["prefetch_recall"] is not None and 0 <= s["prefetch_recall"] <= 1
@@ -368,3 +369,29 @@ def test_direct_prefetch_staging_rows_come_out_of_the_budget(checkpoints):
     assert eng.cache.num_slots + eng.cache.extra_rows == plain and eng.cache.extra_rows > 0
     assert eng.cache.pool.shape[0] == plain
     eng.close()
+
+
+def test_direct_prefetch_staging_budget_and_bad_knobs(checkpoints, monkeypatch):
+    """EDGEPRISM_STAGE_BUDGET caps the units staged per layer (the best-ranked the cache lacks);
+    malformed knobs raise ConfigError before anything is allocated."""
+    path = checkpoints["qwen3moe-headdim"]
+    ref = load_cpu(path, cache_fraction=0.5)
+    want = ref.generate_ids(PROMPT, max_new_tokens=12)
+    ref.close()
+    for budget, after in (("0", "experts"), ("2", "lookup")):
+        monkeypatch.setenv("EDGEPRISM_STAGE_BUDGET", budget)
+        monkeypatch.setenv("EDGEPRISM_STAGE_AFTER", after)
+        eng = load_cpu(path, schedule="direct", cache_fraction=0.5, prefetch=True, predict_experts=2)
+        d = eng.experts.direct
+        assert d.budget == int(budget) and d.after_experts == (after == "experts")
+        assert eng.generate_ids(PROMPT, max_new_tokens=12) == want
+        staged = (d.codes >= 0).sum(1)
+        assert int(staged.max()) <= int(budget)
+        assert (d.staged_used > 0) == (budget != "0")
+        eng.close()
+    for name, value in (("EDGEPRISM_STAGE_BUDGET", "two"), ("EDGEPRISM_STAGE_AFTER", "later")):
+        monkeypatch.setenv("EDGEPRISM_STAGE_BUDGET", "1")
+        monkeypatch.setenv("EDGEPRISM_STAGE_AFTER", "experts")
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ConfigError, match=name):
+            load_cpu(path, schedule="direct", cache_fraction=0.5, prefetch=True)

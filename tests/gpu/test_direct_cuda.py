@@ -100,15 +100,17 @@ def test_direct_quality_floor_on_cuda(checkpoints):
 
 
 @pytest.mark.parametrize("name", [v.name for v in VARIANTS])
-def test_direct_prefetch_on_cuda_changes_nothing_computed(checkpoints, name):
+def test_direct_prefetch_on_cuda_changes_nothing_computed(checkpoints, name, monkeypatch):
     """Prefetch inside the graph (a side stream stages the next layer's predicted units): the same
-    tokens as without it, over two requests, with staged units actually read."""
+    tokens as without it, over two requests, with staged units actually read (4 experts predicted,
+    all those missing staged, so that tiny models stage something)."""
+    monkeypatch.setenv("EDGEPRISM_STAGE_BUDGET", "64")
     path = checkpoints[name]
     kw = dict(device="cuda", dtype="bf16", cache_fraction=0.7, schedule="direct")
     ref = edgeprism.load(path, **kw)
     want = ref.generate_ids(IDS, max_new_tokens=32)
     ref.close()
-    eng = edgeprism.load(path, prefetch=True, **kw)
+    eng = edgeprism.load(path, prefetch=True, predict_experts=4, **kw)
     d = eng.experts.direct
     assert eng.generate_ids(IDS, max_new_tokens=32) == want
     assert eng.generate_ids(IDS, max_new_tokens=32) == want
@@ -120,8 +122,9 @@ def test_direct_prefetch_on_cuda_changes_nothing_computed(checkpoints, name):
 
 
 @pytest.mark.parametrize("expert_dtype", ["int4", None])
-def test_direct_prefetch_with_the_cpu_share_on_cuda(expert_dtype):
+def test_direct_prefetch_with_the_cpu_share_on_cuda(expert_dtype, monkeypatch):
     """Staged units are GPU units to the CPU share (slot >= 0): tokens unchanged with both on."""
+    monkeypatch.setenv("EDGEPRISM_STAGE_BUDGET", "64")
     cfg = dict(architectures=["Qwen3MoeForCausalLM"], vocab_size=256, hidden_size=256, num_hidden_layers=4,
                num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=16, num_experts_per_tok=4,
                moe_intermediate_size=128, intermediate_size=512, norm_topk_prob=True, max_position_embeddings=512)
@@ -131,7 +134,7 @@ def test_direct_prefetch_with_the_cpu_share_on_cuda(expert_dtype):
     ref = edgeprism.load(ck, **kw)
     want = ref.generate_ids(IDS, max_new_tokens=40)
     ref.close()
-    eng = edgeprism.load(ck, prefetch=True, cpu_share=0.5, **kw)
+    eng = edgeprism.load(ck, prefetch=True, predict_experts=4, cpu_share=0.5, **kw)
     assert eng.generate_ids(IDS, max_new_tokens=40) == want
     assert eng.experts.direct.staged_used > 0
     eng.close()

@@ -3,7 +3,7 @@
 PYTHONPATH=$PWD python3 <this file> OUT.jsonl [bf16|int4] [config ...]; a config is `off` or
 `[oracle:]<after>:<budget>[:<predict>]` (after = experts|lookup: where the staging copy forks; budget =
 units staged per layer, `all` = every predicted unit the cache lacks; predict = experts predicted, default
-top_k). `oracle:` replaces the prediction by the routing a first decode of the same prompt recorded (the
+top_k = 8, as these runs had it; the engine's direct default is now 2). `oracle:` replaces the prediction by the routing a first decode of the same prompt recorded (the
 next layer's routed experts, in order), fed to the graph through a device-side token counter: the
 ceiling of any predictor on this mechanism."""
 import json
@@ -74,9 +74,8 @@ for conf in configs:
     if pref:
         after, budget, *predict = conf.split(":")[1:] if oracle else conf.split(":")
         os.environ["EDGEPRISM_STAGE_AFTER"] = after
-        os.environ["EDGEPRISM_STAGE_BUDGET"] = "" if budget == "all" else budget
-        if predict:
-            kw["predict_experts"] = int(predict[0])
+        os.environ["EDGEPRISM_STAGE_BUDGET"] = "1000000" if budget == "all" else budget  # clamped to the prediction
+        kw["predict_experts"] = int(predict[0]) if predict else cfg["num_experts_per_tok"]
     eng = edgeprism.load(src, vram_gb=8, dtype="bf16", max_context=1024, schedule="direct", prefetch=pref, **kw)
     set_routing(eng, "token")
     if oracle:
