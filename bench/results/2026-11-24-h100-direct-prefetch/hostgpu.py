@@ -40,7 +40,7 @@ for dtype in ("bf16", "int4"):
         for name in host:
             fn = getattr(d, name)
 
-            def wrapped(*a, fn=fn, name=name):
+            def wrapped(*a, fn=fn, name=name, host=host):
                 t = time.perf_counter()
                 r = fn(*a)
                 host[name] += time.perf_counter() - t
