@@ -110,8 +110,9 @@ class Engine:
         log.info("%s", self.plan.describe())
         self.tokenizer_or_none = Tokenizer.from_dir(self.path) if self.path is not None else None
         self.store = self._host_store(progress)
-        staging = self._staging_rows()
-        self.cache = ExpertCache(self.store, self.plan.num_slots - staging, device, config.policy, extra_rows=staging)
+        staging, reserved = self._staging_rows()
+        self.cache = ExpertCache(self.store, self.plan.num_slots - staging - reserved, device, config.policy,
+                                 extra_rows=staging)
         copies = CudaCopies(device) if device.type == "cuda" else InlineCopies()
         self.fetch = Prefetcher(self.cache, copies)
         self.experts = OffloadedExperts(self.cache, self.fetch, config.gather_limit)
@@ -214,23 +215,27 @@ class Engine:
                               "the layer's experts) or 'lookup' (beside them).")
         return (int(raw) if raw else self.config.groups), after == "experts"
 
-    def _staging_rows(self) -> int:
-        """Pool rows kept out of the cache for zero-copy decode's prefetch (two layers' predicted
-        units: staging alternates by MoE-layer parity); 0 when it will not run. Taken out of the
+    def _staging_rows(self) -> tuple[int, int]:
+        """Zero-copy decode's prefetch: pool rows kept out of the cache for staging (two layers'
+        predicted units: staging alternates by MoE-layer parity), and slots given up for its
+        predictor matrices ([D, E] per MoE layer); (0, 0) when it will not run. Both come out of the
         planned slots, so the budget holds."""
-        cfg, plan = self.config, self.plan
+        cfg, plan, spec = self.config, self.plan, self.spec
         if not (cfg.schedule == "direct" and cfg.prefetch) or plan.num_slots >= plan.total_units:
-            return 0
+            return 0, 0
         self._stage_knobs()  # a bad knob fails here, before anything is allocated
-        if len(self.spec.moe_layers) < 2:
+        if len(spec.moe_layers) < 2:
             log.info("prefetch=True has nothing to do: the model has one MoE layer")
-            return 0
+            return 0, 0
         rows = 2 * self._predict_experts() * cfg.groups
-        if plan.num_slots - rows < self.spec.top_k * cfg.groups:
-            log.warning("prefetch=True is off: its %d staging rows would leave the cache fewer slots than one "
-                        "token's experts (%d); raise vram_gb or lower predict_experts", rows, plan.num_slots - rows)
-            return 0
-        return rows
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        predictors = (len(spec.moe_layers) - 1) * spec.dim * spec.num_experts * elem
+        reserved = -(-predictors // plan.unit_bytes)
+        if plan.num_slots - rows - reserved < spec.top_k * cfg.groups:
+            log.warning("prefetch=True is off: its %d staging rows and %d slots for predictors would leave the cache "
+                        "fewer slots than one token's experts; raise vram_gb or lower predict_experts", rows, reserved)
+            return 0, 0
+        return rows, reserved
 
     def _direct_prefetch(self) -> None:
         """schedule="direct" with prefetch: each MoE layer predicts the next one's experts inside the

@@ -102,6 +102,13 @@ _CLASSES = {
 }
 
 
+def tiny_qwen3_config(layers: int) -> dict[str, Any]:
+    """A small Qwen3-MoE config for in-memory checkpoints (16 experts, top 4, hidden 256)."""
+    return dict(architectures=["Qwen3MoeForCausalLM"], vocab_size=256, hidden_size=256, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=16, num_experts_per_tok=4,
+                moe_intermediate_size=128, intermediate_size=512, norm_topk_prob=True, max_position_embeddings=512)
+
+
 def build_checkpoint(variant: Variant, directory: Path, seed: int = 0) -> Path:
     """Save a random model of `variant` with transformers into `directory` (fp32)."""
     config_cls, model_cls = (getattr(transformers, n) for n in _CLASSES[variant.family])

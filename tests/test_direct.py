@@ -302,15 +302,16 @@ def test_direct_prefetch_changes_nothing_computed(checkpoints, fetched, name):
     eng.close()
 
 
-def test_direct_prefetch_with_groups_int8_and_the_cpu_share(checkpoints):
-    """Sub-expert units (G = 2), int8 units and the quality floor keep the fetch path's tokens with
-    prefetch on; staged units serve some routed units (counted as used)."""
+def test_direct_prefetch_with_groups_and_int8(checkpoints):
+    """Sub-expert units (G = 2) and int8 units keep the fetch path's tokens with prefetch on; staged
+    units serve some routed units (counted as used)."""
     path = checkpoints["qwen3moe-headdim"]
     for kw in (dict(groups=2), dict(expert_dtype="int8", quant_cache=False)):
-        ref = load_cpu(path, **kw)
+        ref = load_cpu(path, cache_fraction=0.5, **kw)
         want = ref.generate_ids(PROMPT, max_new_tokens=16)
         ref.close()
-        eng = load_cpu(path, schedule="direct", prefetch=True, **kw)
+        eng = load_cpu(path, schedule="direct", prefetch=True, cache_fraction=0.5, **kw)
+        assert eng.experts.direct.prefetching, kw
         assert eng.generate_ids(PROMPT, max_new_tokens=16) == want, kw
         assert eng.experts.direct.staged_used > 0, kw
         check_map(eng)
@@ -345,7 +346,7 @@ def test_direct_prefetch_lookup_reads_staged_rows(checkpoints):
 def test_direct_prefetch_folds_the_norms_into_the_predictor(checkpoints):
     """The in-graph predictor ranks the next layer's experts as its own router would on the state
     normed by its own norm: x · (w_next / w_cur) through the next gate."""
-    eng = load_cpu(checkpoints["qwen3moe-headdim"], schedule="direct", prefetch=True)
+    eng = load_cpu(checkpoints["qwen3moe-headdim"], schedule="direct", prefetch=True, cache_fraction=0.5)
     d = eng.experts.direct
     moe = eng.spec.moe_layers
     cur, nxt = eng.model.layers[moe[0]], eng.model.layers[moe[1]]
@@ -362,12 +363,16 @@ def test_direct_prefetch_folds_the_norms_into_the_predictor(checkpoints):
 
 
 def test_direct_prefetch_staging_rows_come_out_of_the_budget(checkpoints):
-    eng = load_cpu(checkpoints["olmoe"], schedule="direct", cache_fraction=0.25)
+    eng = load_cpu(checkpoints["olmoe"], schedule="direct", cache_fraction=0.5)
     plain = eng.cache.num_slots
     eng.close()
-    eng = load_cpu(checkpoints["olmoe"], schedule="direct", cache_fraction=0.25, prefetch=True)
-    assert eng.cache.num_slots + eng.cache.extra_rows == plain and eng.cache.extra_rows > 0
-    assert eng.cache.pool.shape[0] == plain
+    eng = load_cpu(checkpoints["olmoe"], schedule="direct", cache_fraction=0.5, prefetch=True)
+    spec = eng.spec
+    predictors = (len(spec.moe_layers) - 1) * spec.dim * spec.num_experts * 4  # fp32 [D, E] per layer pair
+    reserved = -(-predictors // eng.plan.unit_bytes)  # slots given up for them
+    assert eng.cache.extra_rows > 0 and eng.cache.num_slots + eng.cache.extra_rows + reserved == plain
+    assert eng.cache.pool.shape[0] == plain - reserved
+    assert sum(w.numel() * w.element_size() for w in eng.experts.direct._predict_w.values()) == predictors
     eng.close()
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VARIANTS
+from conftest import VARIANTS, tiny_qwen3_config
 
 import edgeprism
 from edgeprism.models.checkpoint import MemoryCheckpoint
@@ -42,9 +42,7 @@ def test_cpu_share_matches_direct_on_cuda(checkpoints, name, share):
 def test_cpu_share_units_formats_on_cuda(expert_dtype, int4_act, monkeypatch):
     if int4_act:
         monkeypatch.setenv("EDGEPRISM_CPU_INT4_ACT", int4_act)
-    cfg = dict(architectures=["Qwen3MoeForCausalLM"], vocab_size=256, hidden_size=256, num_hidden_layers=3,
-               num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=16, num_experts_per_tok=4,
-               moe_intermediate_size=128, intermediate_size=512, norm_topk_prob=True, max_position_embeddings=512)
+    cfg = tiny_qwen3_config(3)
     ck = MemoryCheckpoint(cfg, seed=3)
     kw = dict(device="cuda", dtype="bf16", cache_fraction=0.3, expert_dtype=expert_dtype, quant_cache=False,
               schedule="direct")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VARIANTS
+from conftest import VARIANTS, tiny_qwen3_config
 
 import edgeprism
 from edgeprism.cache.keys import SubExpertKey
@@ -48,9 +48,7 @@ def test_direct_matches_the_fetch_path_on_cuda(checkpoints, name, fraction):
 
 @pytest.mark.parametrize("expert_dtype", ["int8", "int4"])
 def test_direct_quantized_units_on_cuda(tmp_path, expert_dtype):
-    cfg = dict(architectures=["Qwen3MoeForCausalLM"], vocab_size=256, hidden_size=256, num_hidden_layers=3,
-               num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=16, num_experts_per_tok=4,
-               moe_intermediate_size=128, intermediate_size=512, norm_topk_prob=True, max_position_embeddings=512)
+    cfg = tiny_qwen3_config(3)
     ck = MemoryCheckpoint(cfg, seed=3)
     kw = dict(device="cuda", dtype="bf16", cache_fraction=0.3, expert_dtype=expert_dtype, quant_cache=False)
     ref = edgeprism.load(ck, **kw)
@@ -125,9 +123,7 @@ def test_direct_prefetch_on_cuda_changes_nothing_computed(checkpoints, name, mon
 def test_direct_prefetch_with_the_cpu_share_on_cuda(expert_dtype, monkeypatch):
     """Staged units are GPU units to the CPU share (slot >= 0): tokens unchanged with both on."""
     monkeypatch.setenv("EDGEPRISM_STAGE_BUDGET", "64")
-    cfg = dict(architectures=["Qwen3MoeForCausalLM"], vocab_size=256, hidden_size=256, num_hidden_layers=4,
-               num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=16, num_experts_per_tok=4,
-               moe_intermediate_size=128, intermediate_size=512, norm_topk_prob=True, max_position_embeddings=512)
+    cfg = tiny_qwen3_config(4)
     ck = MemoryCheckpoint(cfg, seed=4)
     kw = dict(device="cuda", dtype="bf16", cache_fraction=0.4, expert_dtype=expert_dtype, quant_cache=False,
               schedule="direct")
