@@ -700,9 +700,9 @@ class Engine:
     def _zero_copy_units(self) -> int:
         """Units the GPU read in place from host RAM (schedule="direct", or a plan's misses with zero_copy)."""
         direct = self.experts.direct
-        if direct is not None:  # misses the kernels read: not those dropped, nor those the CPU computed
+        if direct is not None:  # misses the kernels read: not those dropped, the CPU computed, or prefetch staged
             share = direct.cpu_share
-            return max(0, direct.misses - direct.dropped - (share.units if share is not None else 0))
+            return max(0, direct.misses - direct.dropped - (share.units if share is not None else 0) - direct.staged_used)
         step = self.decode_step
         if isinstance(step, LayerwiseDecode) and step.host_parts is not None and self.sched is not None:
             return self.sched.stats.actions["fetch"]  # with zero_copy every planned fetch is read in place

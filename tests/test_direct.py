@@ -299,6 +299,8 @@ def test_direct_prefetch_changes_nothing_computed(checkpoints, fetched, name):
     assert s["prefetch_units"] > 0  # some predicted units were missing and got staged
     assert s["prefetch_bytes_used"] + s["prefetch_bytes_wasted"] == s["prefetch_units"] * s["unit_bytes"]
     assert s["prefetch_bytes_used"] == d.staged_used * s["unit_bytes"]
+    # staged units are misses to the cache, but the kernels did not read them from host RAM
+    assert s["zero_copy_bytes"] == (d.misses - d.staged_used) * s["unit_bytes"]
     eng.close()
 
 

@@ -28,16 +28,20 @@ sits on the layer's critical path, while PCIe idles during the attention and the
 So when MoE layer l runs, the next MoE layer's experts are predicted inside the graph (pre-gating:
 that layer's router applied to layer l's input, its norm weights folded into one [D, E] matrix) and
 the predicted units the map lacks are copied from host RAM into staging rows of the pool by one
-kernel on a side stream, while layer l's experts compute. Layer l+1's lookup then finds them there
-(slot = staging row). Ordering, all inside the graph:
-- the side stream forks from the compute stream after layer l's lookup (so after layer l-1's
-  experts, the last readers of the staging rows it writes: staging rows alternate between two sets
-  by MoE-layer parity) and joins it again before layer l+1's lookup, which reads the codes;
+kernel on a side stream. Layer l+1's lookup then finds them there (slot = staging row). Only the
+`budget` best-ranked missing units are staged (default one expert's G units, of 2 predicted experts),
+since a wrong one costs the PCIe time a right one saves. Ordering, all inside the graph:
+- the side stream forks from the compute stream after layer l's experts (default; or after its
+  lookup, beside them: `after_experts=False`), in both cases after layer l-1's experts, the last
+  readers of the staging rows it writes (staging rows alternate between two sets by MoE-layer
+  parity), and joins it again before layer l+1's lookup, which reads the codes;
 - everything it reads is persistent (the map, row table, a copy of layer l's input), so no buffer it
   uses can be recycled by the compute stream's allocations meanwhile;
 - a wrong prediction costs PCIe bandwidth only: staged units are read only where the lookup matched
   their code, and staging rows are never part of the cache.
-Staged units are still misses to the cache (they are admitted like any other).
+Staged units are still misses to the cache (they are admitted like any other). Measured, it does not
+pay on the H100 box (bench/results/2026-11-24-h100-direct-prefetch/): outside its expert kernels a
+layer has ~70 µs of GPU work to hide a copy behind, less than one bf16 expert's PCIe time.
 
 Quality floor (`floor` < 1, from `generate(..., quality=)`): inside the graph, each layer drops its
 lowest-weighted *missed* units while the dropped routing mass stays within (1 − floor) of the
