@@ -224,6 +224,10 @@ class Engine:
         if not (cfg.schedule == "direct" and cfg.prefetch) or plan.num_slots >= plan.total_units:
             return 0, 0
         self._stage_knobs()  # a bad knob fails here, before anything is allocated
+        direct_runs = spec.top_k * cfg.groups * plan.unit_bytes <= cfg.gather_limit and (
+            self.device.type != "cuda" or (self.store.pinned and triton_ready()))  # as `_enable_direct` decides
+        if not direct_runs:
+            return 0, 0
         if len(spec.moe_layers) < 2:
             log.info("prefetch=True has nothing to do: the model has one MoE layer")
             return 0, 0

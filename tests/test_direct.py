@@ -376,6 +376,10 @@ def test_direct_prefetch_staging_rows_come_out_of_the_budget(checkpoints):
     assert eng.cache.pool.shape[0] == plain - reserved
     assert sum(w.numel() * w.element_size() for w in eng.experts.direct._predict_w.values()) == predictors
     eng.close()
+    # units too large to gather: no direct path, so nothing is taken from the cache for prefetch
+    eng = load_cpu(checkpoints["olmoe"], schedule="direct", cache_fraction=0.5, prefetch=True, gather_limit=1)
+    assert eng.experts.direct is None and eng.cache.extra_rows == 0 and eng.cache.num_slots == plain
+    eng.close()
 
 
 def test_direct_prefetch_staging_budget_and_bad_knobs(checkpoints, monkeypatch):
