@@ -231,9 +231,10 @@ class Engine:
         if len(spec.moe_layers) < 2:
             log.info("prefetch=True has nothing to do: the model has one MoE layer")
             return 0, 0
-        rows = 2 * self._predict_experts() * cfg.groups
+        ahead = min(cfg.lookahead, len(spec.moe_layers) - 1)
+        rows = (ahead + 1) * self._predict_experts() * cfg.groups
         elem = torch.empty((), dtype=self.dtype).element_size()
-        predictors = (len(spec.moe_layers) - 1) * spec.dim * spec.num_experts * elem
+        predictors = (len(spec.moe_layers) - ahead) * spec.dim * spec.num_experts * elem
         reserved = -(-predictors // plan.unit_bytes)
         if plan.num_slots - rows - reserved < spec.top_k * cfg.groups:
             log.warning("prefetch=True is off: its %d staging rows and %d slots for predictors would leave the cache "
@@ -248,13 +249,11 @@ class Engine:
         direct = self.experts.direct
         if direct is None or self.cache.extra_rows == 0:
             return
-        if self.config.lookahead != 1:
-            log.info("schedule='direct' prefetches one MoE layer ahead; lookahead=%d is treated as 1",
-                     self.config.lookahead)
         moe = self.spec.moe_layers
+        ahead = min(self.config.lookahead, len(moe) - 1)
         predictors = {}
         with torch.no_grad():
-            for layer, nxt in zip(moe, moe[1:]):
+            for layer, nxt in zip(moe, moe[ahead:]):
                 cur_norm, nxt_block = self.model.layers[layer].ffn_norm, self.model.layers[nxt]
                 # x = RMSNorm_l(h) = h / rms(h) · w_l, and the next router wants h / rms(h) · w_next:
                 # gate_next(x · w_next / w_l) (where w_l = 0 the input carries nothing: ratio 0)
@@ -264,7 +263,7 @@ class Engine:
                 predictors[layer] = (nxt, weight.t().contiguous().to(self.dtype))
         budget, after = self._stage_knobs()
         direct.enable_prefetch(predictors, self._predict_experts(), base=self.cache.num_slots,
-                               budget=budget, after_experts=after)
+                               budget=budget, after_experts=after, lookahead=ahead)
 
     def _cost_model(self, cost: CostModel | None, recalibrate: bool) -> CostModel | None:
         """This machine's prices (measured at first use and cached on disk, or `cost` as given), for

@@ -406,3 +406,20 @@ def test_direct_prefetch_staging_budget_and_bad_knobs(checkpoints, monkeypatch):
         monkeypatch.setenv(name, value)
         with pytest.raises(ConfigError, match=name):
             load_cpu(path, schedule="direct", cache_fraction=0.5, prefetch=True)
+
+
+def test_direct_prefetch_two_layers_ahead(checkpoints, fetched, monkeypatch):
+    """lookahead=2: each layer stages the MoE layer two ahead (three sets of staging rows, one event
+    per target): the fetch path's tokens, and staged units read."""
+    monkeypatch.setenv("EDGEPRISM_STAGE_BUDGET", "64")  # every predicted unit the cache lacks
+    name = "olmoe"
+    eng = load_cpu(checkpoints[name], schedule="direct", cache_fraction=0.75, prefetch=True, lookahead=2,
+                   predict_experts=2)
+    d, moe = eng.experts.direct, eng.spec.moe_layers
+    assert len(moe) >= 3 and d.prefetching and d.lookahead == 2
+    assert eng.cache.extra_rows == 3 * 2 * eng.config.groups
+    assert d._next == {moe[i]: moe[i + 2] for i in range(len(moe) - 2)}
+    assert len({d._base[t] for t in d._next.values()}) == min(3, len(d._next))  # sets by MoE-layer index
+    assert eng.generate_ids(PROMPT, max_new_tokens=12) == fetched[name][1]
+    assert d.staged_used > 0
+    eng.close()

@@ -110,27 +110,29 @@ class DirectCache:
         self.after_experts, self.budget = True, 0
         self._next: dict[int, int] = {}  # MoE layer -> the next one (whose units it prefetches)
         self._base: dict[int, int] = {}  # prefetched MoE layer -> the first of its staging rows
-        self._forked = False  # a staging copy runs on the side stream, not yet joined
+        self._forked: set[int] = set()  # target layers whose staging runs on the side stream, not yet joined
         self.staged_used = 0  # routed units read from staging rows (since the last reset)
 
     # ----- prefetch (set up once) -----
 
     def enable_prefetch(self, predictors: dict[int, tuple[int, torch.Tensor]], top: int, base: int,
-                        budget: int | None = None, after_experts: bool = True) -> None:
-        """Stage the next MoE layer's predicted units while a layer computes. predictors[l] = (the
-        MoE layer after l, its router with the norms folded in, [D, E] on the device); `top` experts
-        are predicted per layer, and of their units the map lacks the `budget` best-ranked are staged
-        (None: all); the pool's rows base .. base + 2·top·G are the staging rows. `after_experts`: the
-        staging copy starts once the layer's experts have run (so it does not take PCIe from the
-        layer's own misses), else right after the layer's lookup."""
-        self.after_experts = after_experts
+                        budget: int | None = None, after_experts: bool = True, lookahead: int = 1) -> None:
+        """Stage a later MoE layer's predicted units while a layer computes. predictors[l] = (the
+        MoE layer `lookahead` MoE layers after l, its router with the norms folded in, [D, E] on the
+        device); `top` experts are predicted per layer, and of their units the map lacks the `budget`
+        best-ranked are staged (None: all); the pool's rows base .. base + (lookahead + 1)·top·G are
+        the staging rows (lookahead + 1 sets, by MoE-layer index: a set is rewritten only after the
+        layer that read it). `after_experts`: the staging copy starts once the layer's experts have
+        run (so it does not take PCIe from the layer's own misses), else right after its lookup."""
+        self.after_experts, self.lookahead = after_experts, lookahead
         L, G, dev = self.cache.num_layers, self.groups, self.device
         self._next = {layer: nxt for layer, (nxt, _) in predictors.items()}
         self._predict_w = {layer: w for layer, (_, w) in predictors.items()}
         self.top, P = top, top * G
         self.budget = P if budget is None else max(0, min(P, budget))  # units staged per layer, at most
         order = {layer: i for i, layer in enumerate(self.layers)}
-        self._base = {nxt: base + (order[nxt] % 2) * P for nxt in self._next.values()}  # rows by parity
+        sets = lookahead + 1
+        self._base = {nxt: base + (order[nxt] % sets) * P for nxt in self._next.values()}  # rows by set
         self.codes = torch.full((L, P), -1, dtype=torch.long, device=dev)  # staged unit codes e·G+g (-1: none)
         self.pred_log = torch.zeros(L, top, dtype=torch.long, device=dev)  # predicted experts, per target
         E = self.store.num_experts
@@ -140,6 +142,9 @@ class DirectCache:
         self._top_i = torch.zeros(1, top, dtype=torch.long, device=dev)
         cuda = dev.type == "cuda"
         self._side = torch.cuda.Stream(dev) if cuda else None
+        # one event per target layer, recorded after its staging: the target's lookup waits for that
+        # staging only, not for later ones already queued on the side stream (lookahead > 1)
+        self._staged = {nxt: torch.cuda.Event() for nxt in self._next.values()} if cuda else {}
         # int32 words of the host arenas and the pool: the staging kernel copies whole rows
         self._words = cuda and all(a.shape[-1] * a.element_size() % 4 == 0 for a in self.store.arenas.values())
         self._host_codes = torch.full((L, P), -1, dtype=torch.long, pin_memory=cuda)
@@ -148,16 +153,18 @@ class DirectCache:
 
     # ----- prefetch (inside the graph) -----
 
-    def join(self) -> None:
-        """The compute stream waits for the staging copy in flight (before a lookup reads its codes)."""
-        if self._forked:
-            self._forked = False
+    def join(self, layer: int) -> None:
+        """The compute stream waits for the staging of `layer`'s units, if one is in flight (before
+        the layer's lookup reads its codes)."""
+        if layer in self._forked:
+            self._forked.discard(layer)
             if self._side is not None:
-                torch.cuda.current_stream(self.device).wait_stream(self._side)
+                torch.cuda.current_stream(self.device).wait_event(self._staged[layer])
 
     def stage_next(self, layer: int, x: torch.Tensor) -> None:
-        """Predict the MoE layer after `layer` from its input x [1, D] and stage the predicted units
-        the map lacks, on the side stream (joined by the next `join`). Device ops only."""
+        """Predict the MoE layer `lookahead` after `layer` from its input x [1, D] and stage the
+        predicted units the map lacks, on the side stream (joined by that layer's `join`). Device ops
+        only."""
         nxt = self._next.get(layer)
         if nxt is None:
             return
@@ -171,7 +178,9 @@ class DirectCache:
             ids = self._top_i.reshape(-1)
             self.pred_log[nxt].copy_(ids)
             self._stage(nxt, ids)
-        self._forked = True
+            if side is not None:
+                self._staged[nxt].record(side)
+        self._forked.add(nxt)
 
     def _stage(self, nxt: int, ids: torch.Tensor) -> None:
         G, base = self.groups, self._base[nxt]

@@ -120,7 +120,7 @@ class OffloadedExperts:
         assert direct is not None
         if direct.stale and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             direct.before_step()
-        direct.join()  # a staging copy for this layer (prefetch) has landed before the lookup reads it
+        direct.join(layer)  # a staging copy for this layer (prefetch) has landed before the lookup reads it
         slots, rows = direct.lookup(layer, ids)
         stage_early = direct.prefetching and not direct.after_experts
         if stage_early:  # prefetch: the next layer's predicted units, beside this layer's work

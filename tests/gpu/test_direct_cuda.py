@@ -119,9 +119,10 @@ def test_direct_prefetch_on_cuda_changes_nothing_computed(checkpoints, name, mon
     eng.close()
 
 
-@pytest.mark.parametrize("expert_dtype", ["int4", None])
-def test_direct_prefetch_with_the_cpu_share_on_cuda(expert_dtype, monkeypatch):
-    """Staged units are GPU units to the CPU share (slot >= 0): tokens unchanged with both on."""
+@pytest.mark.parametrize("expert_dtype,lookahead", [("int4", 1), (None, 1), (None, 2)])
+def test_direct_prefetch_with_the_cpu_share_on_cuda(expert_dtype, lookahead, monkeypatch):
+    """Staged units are GPU units to the CPU share (slot >= 0): tokens unchanged with both on, one or
+    two layers ahead (two: each target's lookup waits on its own staging event)."""
     monkeypatch.setenv("EDGEPRISM_STAGE_BUDGET", "64")
     cfg = tiny_qwen3_config(4)
     ck = MemoryCheckpoint(cfg, seed=4)
@@ -130,7 +131,8 @@ def test_direct_prefetch_with_the_cpu_share_on_cuda(expert_dtype, monkeypatch):
     ref = edgeprism.load(ck, **kw)
     want = ref.generate_ids(IDS, max_new_tokens=40)
     ref.close()
-    eng = edgeprism.load(ck, prefetch=True, predict_experts=4, cpu_share=0.5, **kw)
+    eng = edgeprism.load(ck, prefetch=True, predict_experts=4, cpu_share=0.5, lookahead=lookahead, **kw)
+    assert eng.experts.direct.prefetching and eng.experts.direct.lookahead == lookahead
     assert eng.generate_ids(IDS, max_new_tokens=40) == want
     assert eng.experts.direct.staged_used > 0
     eng.close()

@@ -1,7 +1,7 @@
 """Zero-copy decode with and without in-graph prefetch, 12 Qwen3-30B-A3B-shaped layers, token routing, 8 GB.
 
 PYTHONPATH=$PWD python3 <this file> OUT.jsonl [bf16|int4] [config ...]; a config is `off` or
-`[oracle:]<after>:<budget>[:<predict>]` (after = experts|lookup: where the staging copy forks; budget =
+`[oracle:]<after>:<budget>[:<predict>[:<lookahead>]]` (after = experts|lookup: where the staging copy forks; budget =
 units staged per layer, `all` = every predicted unit the cache lacks; predict = experts predicted, default
 top_k = 8, as these runs had it; the engine's direct default is now 2). `oracle:` replaces the prediction by the routing a first decode of the same prompt recorded (the
 next layer's routed experts, in order), fed to the graph through a device-side token counter: the
@@ -72,10 +72,11 @@ for conf in configs:
     pref = conf != "off"
     oracle = conf.startswith("oracle:")
     if pref:
-        after, budget, *predict = conf.split(":")[1:] if oracle else conf.split(":")
+        after, budget, *rest = conf.split(":")[1:] if oracle else conf.split(":")
         os.environ["EDGEPRISM_STAGE_AFTER"] = after
         os.environ["EDGEPRISM_STAGE_BUDGET"] = "1000000" if budget == "all" else budget  # clamped to the prediction
-        kw["predict_experts"] = int(predict[0]) if predict else cfg["num_experts_per_tok"]
+        kw["predict_experts"] = int(rest[0]) if rest else cfg["num_experts_per_tok"]
+        kw["lookahead"] = int(rest[1]) if len(rest) > 1 else 1
     eng = edgeprism.load(src, vram_gb=8, dtype="bf16", max_context=1024, schedule="direct", prefetch=pref, **kw)
     set_routing(eng, "token")
     if oracle:
