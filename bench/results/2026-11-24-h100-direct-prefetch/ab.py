@@ -45,7 +45,8 @@ def install_oracle(d, tokens):
             ids = d._top_i.reshape(-1)
             d.pred_log[nxt].copy_(ids)
             d._stage(nxt, ids)
-        d._forked = True
+            d._staged[nxt].record(d._side)  # as DirectCache.stage_next: the target's lookup waits on it
+        d._forked.add(nxt)
 
     d.stage_next = stage_next
 
