@@ -804,8 +804,8 @@ def load(model: str | os.PathLike | MemoryCheckpoint | None = None, vram_gb: flo
     "direct" keeps a device-side map of the cached units and lets the kernels read every other unit
     straight from pinned host RAM over PCIe (zero-copy, ~50 GB/s on an H100 box, as fast as a copy):
     a decode token is then one CUDA graph with no host step between layers, and hot misses are
-    copied into the cache between tokens. With "direct", `prefetch=True` predicts the next MoE layer
-    inside that graph and a side stream stages the best-ranked predicted experts the cache lacks
+    copied into the cache between tokens. With "direct", `prefetch=True` predicts the MoE layer
+    `lookahead` ahead inside that graph and a side stream stages the best-ranked predicted experts the cache lacks
     (`predict_experts` predicted, default 2; one expert's units staged per layer) in pool rows taken
     from the cache; off by default, as it measured 0.96-1.01x (cache/direct.py). `cpu_share` (direct only) lets the CPU compute part of each
     layer's misses from the same pinned RAM inside that graph, while the GPU reads the rest: True adapts

@@ -25,7 +25,8 @@ first) because every admitted unit costs a copy over the same PCIe link the miss
 
 Prefetch (`enable_prefetch`, from `load(schedule="direct", prefetch=True)`): a miss read in the kernel
 sits on the layer's critical path, while PCIe idles during the attention and the cached units' math.
-So when MoE layer l runs, the next MoE layer's experts are predicted inside the graph (pre-gating:
+So when MoE layer l runs, the experts of the MoE layer `lookahead` (default 1) ahead are predicted
+inside the graph (pre-gating:
 that layer's router applied to layer l's input, its norm weights folded into one [D, E] matrix) and
 the predicted units the map lacks are copied from host RAM into staging rows of the pool by one
 kernel on a side stream. Layer l+1's lookup then finds them there (slot = staging row). Only the
@@ -33,8 +34,8 @@ kernel on a side stream. Layer l+1's lookup then finds them there (slot = stagin
 since a wrong one costs the PCIe time a right one saves. Ordering, all inside the graph:
 - the side stream forks from the compute stream after layer l's experts (default; or after its
   lookup, beside them: `after_experts=False`), in both cases after layer l-1's experts, the last
-  readers of the staging rows it writes (staging rows alternate between two sets by MoE-layer
-  parity), and joins it again before layer l+1's lookup, which reads the codes;
+  readers of the staging rows it writes (lookahead + 1 sets of staging rows, by MoE-layer index),
+  and the target layer waits on that staging's own event before its lookup, which reads the codes;
 - everything it reads is persistent (the map, row table, a copy of layer l's input), so no buffer it
   uses can be recycled by the compute stream's allocations meanwhile;
 - a wrong prediction costs PCIe bandwidth only: staged units are read only where the lookup matched
