@@ -91,6 +91,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     raise InputError(f"dtype={dtype!r} is not supported; use 'bf16', 'fp16' or 'fp32'.")
 
 
+RESIDENT = "every expert is resident"  # why the direct path has nothing to do (`Engine._direct_blocker`)
+UNIT_BY_UNIT = "decode runs unit by unit (units exceed gather_limit)"
+
+
 class Engine:
     """A loaded model ready to generate. Build it with `edgeprism.load()`."""
 
@@ -177,23 +181,34 @@ class Engine:
         """schedule="direct": decode reads missed units from pinned host RAM inside its kernels."""
         if self.config.schedule != "direct":
             return
-        if self.experts.slot_map is not None or not self.experts.can_gather(self.spec.top_k):
-            log.info("schedule='direct' has nothing to do: %s", "every expert is resident"
-                     if self.experts.slot_map is not None else "decode runs unit by unit (units exceed gather_limit)")
+        blocker = self._direct_blocker()
+        if blocker in (RESIDENT, UNIT_BY_UNIT):
+            log.info("schedule='direct' has nothing to do: %s", blocker)
             return
-        if self.device.type == "cuda":
-            if not triton_ready():
-                raise ConfigError("schedule='direct' needs Triton on a GPU (its kernels read host RAM); "
-                                  "install triton or use schedule='fetch'.")
-            if not self.store.pinned:
-                log.warning("schedule='direct': the experts could not be pinned, so the GPU cannot read them in "
-                            "place; misses are fetched instead (schedule='fetch')")
-                return
+        if self.device.type == "cuda" and not triton_ready():
+            raise ConfigError("schedule='direct' needs Triton on a GPU (its kernels read host RAM); "
+                              "install triton or use schedule='fetch'.")
+        if blocker is not None:
+            log.warning("schedule='direct': %s, so the GPU cannot read them in place; misses are fetched instead "
+                        "(schedule='fetch')", blocker)
+            return
         direct = self.experts.enable_direct(self.spec.top_k, admit_units=self.spec.top_k * self.config.groups)
         share = self.config.cpu_share
         if share is not None:
             direct.cpu_share = CpuShare(self.store, self.format, self.spec.top_k, self.device,
                                         frac=None if share is True else float(share), threads=self.config.cpu_threads)
+
+    def _direct_blocker(self) -> str | None:
+        """Why the direct path cannot run for this load (None: it can), from the plan and the host
+        store, so it is known before the cache is built (prefetch's staging rows depend on it)."""
+        cfg, plan = self.config, self.plan
+        if plan.num_slots >= plan.total_units:  # the cache will be static (ExpertCache.preload_all)
+            return RESIDENT
+        if self.spec.top_k * cfg.groups * plan.unit_bytes > cfg.gather_limit:  # OffloadedExperts.can_gather
+            return UNIT_BY_UNIT
+        if self.device.type == "cuda" and not self.store.pinned:
+            return "the experts could not be pinned"
+        return None
 
     def _predict_experts(self) -> int:
         """Experts predicted per target layer: `predict_experts`, else top_k (layerwise) or 2
@@ -221,13 +236,9 @@ class Engine:
         predictor matrices ([D, E] per MoE layer); (0, 0) when it will not run. Both come out of the
         planned slots, so the budget holds."""
         cfg, plan, spec = self.config, self.plan, self.spec
-        if not (cfg.schedule == "direct" and cfg.prefetch) or plan.num_slots >= plan.total_units:
+        if not (cfg.schedule == "direct" and cfg.prefetch) or self._direct_blocker() is not None:
             return 0, 0
         self._stage_knobs()  # a bad knob fails here, before anything is allocated
-        direct_runs = spec.top_k * cfg.groups * plan.unit_bytes <= cfg.gather_limit and (
-            self.device.type != "cuda" or (self.store.pinned and triton_ready()))  # as `_enable_direct` decides
-        if not direct_runs:
-            return 0, 0
         if len(spec.moe_layers) < 2:
             log.info("prefetch=True has nothing to do: the model has one MoE layer")
             return 0, 0
