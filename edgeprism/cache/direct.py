@@ -146,8 +146,11 @@ class DirectCache:
         # one event per target layer, recorded after its staging: the target's lookup waits for that
         # staging only, not for later ones already queued on the side stream (lookahead > 1)
         self._staged = {nxt: torch.cuda.Event() for nxt in self._next.values()} if cuda else {}
-        # int32 words of the host arenas and the pool: the staging kernel copies whole rows
-        self._words = cuda and all(a.shape[-1] * a.element_size() % 4 == 0 for a in self.store.arenas.values())
+        # what the staging kernel copies between: int32 words of the host arenas and the pool (whole
+        # rows), or the rows as they are where a row is not a whole number of words
+        words = cuda and all(a.shape[-1] * a.element_size() % 4 == 0 for a in self.store.arenas.values())
+        self._src = {layer: a.view(torch.int32) if words else a for layer, a in self.store.arenas.items()}
+        self._dst = self.cache.pool.view(torch.int32) if words else self.cache.pool
         self._host_codes = torch.full((L, P), -1, dtype=torch.long, pin_memory=cuda)
         self._host_pred = torch.zeros(L, top, dtype=torch.long, pin_memory=cuda)
         self.prefetching = True
@@ -188,10 +191,8 @@ class DirectCache:
         if self.device.type == "cuda":  # the direct path has Triton on a GPU
             from edgeprism.models import fused_triton
 
-            arena, pool = self.store.arenas[nxt], self.cache.pool
-            if self._words:
-                arena, pool = arena.view(torch.int32), pool.view(torch.int32)
-            fused_triton.stage(ids, self.dev_map[nxt], self.rows, arena, pool, self.codes[nxt], base, G, self.budget)
+            fused_triton.stage(ids, self.dev_map[nxt], self.rows, self._src[nxt], self._dst, self.codes[nxt], base, G,
+                               self.budget)
             return
         # reference (CPU): every predicted unit is copied; those staged (the first `budget` the map
         # lacks, in rank order) get a code
